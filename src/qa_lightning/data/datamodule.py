@@ -1,0 +1,217 @@
+"""LightningDataModule for SQuAD-format extractive QA: loading, checking, windowing, batching."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import datasets
+import lightning as L
+from torch.utils.data import DataLoader
+
+from qa_lightning.data import cache
+from qa_lightning.data.collate import WindowCollator
+from qa_lightning.data.loading import load_hub_split, load_local_file
+from qa_lightning.data.records import OnBadRecord, check_records
+from qa_lightning.data.sampling import LengthGroupedSampler
+from qa_lightning.data.windowing import make_eval_windows, make_train_windows, truncate_questions
+from qa_lightning.errors import ConfigError
+from qa_lightning.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class SquadDataModule(L.LightningDataModule):
+    """SQuAD from the hub (``dataset_name``) or local files (``train_file``/``validation_file``).
+
+    Sample sizes count questions (examples), never windows; the sample is drawn with
+    ``Dataset.shuffle(seed=sample_seed)``, independent of the training seed.
+    """
+
+    def __init__(
+        self,
+        tokenizer_name_or_path: str,
+        dataset_name: str | None = "squad",
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        validation_split: str = "validation",
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        train_samples: int | None = None,
+        validation_samples: int | None = None,
+        sample_seed: int = 42,
+        max_length: int = 384,
+        stride: int = 128,
+        max_question_tokens: int = 64,
+        batch_size: int = 8,
+        eval_batch_size: int = 32,
+        group_by_length: bool = True,
+        pad_to_max_length: bool = False,
+        pad_to_multiple_of: int | None = 8,
+        sampler_seed: int = 42,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        on_bad_record: OnBadRecord = "error",
+        version_2_with_negative: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: Any = None
+        self.train_windows: datasets.Dataset | None = None
+        self.val_windows: datasets.Dataset | None = None
+        self.val_examples: datasets.Dataset | None = None
+        self.skipped: dict[str, dict[str, str]] = {}
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def load_examples(self, split: str) -> datasets.Dataset:
+        """Checked (and possibly sampled) examples of ``"train"`` or ``"validation"``."""
+        hp = self.hparams
+        data_file = hp.train_file if split == "train" else hp.validation_file
+        samples = hp.train_samples if split == "train" else hp.validation_samples
+        if data_file:
+            source = f"'{data_file}'"
+            examples = load_local_file(data_file)
+        elif hp.dataset_name:
+            hub_split = hp.train_split if split == "train" else hp.validation_split
+            source = f"hub dataset '{hp.dataset_name}' split '{hub_split}'"
+            examples = load_hub_split(hp.dataset_name, hp.dataset_config, hub_split)
+        else:
+            raise ConfigError(
+                f"no {split} data: set data.{split}_file=PATH or data.dataset_name (e.g. squad)."
+            )
+        examples, self.skipped[split] = check_records(
+            examples, source, hp.on_bad_record, allow_unanswerable=hp.version_2_with_negative
+        )
+        if samples is not None:
+            if samples > len(examples):
+                raise ConfigError(
+                    f"data.{split}_samples={samples} is larger than the {len(examples)} questions "
+                    f"of {source}; lower it, or set it to null to use them all."
+                )
+            examples = examples.shuffle(seed=hp.sample_seed).select(range(samples))
+        return examples.flatten_indices()
+
+    def _truncate_long_questions(self, examples: datasets.Dataset) -> datasets.Dataset:
+        limit = self.hparams.max_question_tokens
+        questions, cut = truncate_questions(self.tokenizer, examples["question"], limit)
+        if not cut:
+            return examples
+        ids = [examples[i]["id"] for i in cut[:10]]
+        log.warning(
+            "%d question(s) longer than data.max_question_tokens=%d tokens were truncated "
+            "(ids %s%s)",
+            len(cut),
+            limit,
+            ids,
+            " ..." if len(cut) > 10 else "",
+        )
+        return examples.remove_columns("question").add_column("question", questions)
+
+    # -- windowing -----------------------------------------------------------------------------
+
+    def _windows(self, examples: datasets.Dataset, train: bool) -> datasets.Dataset:
+        hp = self.hparams
+        key = cache.cache_key(
+            kind="train" if train else "eval",
+            examples=cache.examples_fingerprint(examples),
+            tokenizer=cache.tokenizer_fingerprint(self.tokenizer),
+            max_length=hp.max_length,
+            stride=hp.stride,
+            pad_to_max_length=hp.pad_to_max_length,
+        )
+        make = partial(_map_windows, self.tokenizer, train, hp.max_length, hp.stride,
+                       hp.pad_to_max_length)
+
+        def build() -> datasets.Dataset:
+            return examples.map(
+                make,
+                batched=True,
+                with_indices=True,
+                remove_columns=examples.column_names,
+                num_proc=hp.num_proc,
+                new_fingerprint=key,
+                desc=f"windowing {'train' if train else 'validation'} examples",
+            )
+
+        return cache.cached(hp.cache_dir, key, build)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer_name_or_path)
+        if stage in (None, "fit") and self.train_windows is None:
+            examples = self._truncate_long_questions(self.load_examples("train"))
+            self.train_windows = self._windows(examples, train=True)
+            log.info("train: %d questions -> %d windows", len(examples), len(self.train_windows))
+        if stage in (None, "fit", "validate") and self.val_windows is None:
+            self.val_examples = self.load_examples("validation")
+            questions = self._truncate_long_questions(self.val_examples)
+            windows = self._windows(questions, train=False)
+            self.val_windows = windows.sort("length", reverse=True)
+            log.info(
+                "validation: %d questions -> %d windows", len(self.val_examples), len(windows)
+            )
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def _collator(self) -> WindowCollator:
+        multiple = None if self.hparams.pad_to_max_length else self.hparams.pad_to_multiple_of
+        return WindowCollator(self.tokenizer.pad_token_id, multiple)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        windows = self.train_windows.remove_columns(["example_index"])
+        sampler = (
+            LengthGroupedSampler(windows["length"], hp.batch_size, seed=hp.sampler_seed)
+            if hp.group_by_length
+            else None
+        )
+        return DataLoader(
+            windows.remove_columns(["length"]),
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            shuffle=sampler is None,
+            collate_fn=self._collator(),
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self.val_windows.remove_columns(["length"]),
+            batch_size=hp.eval_batch_size,
+            shuffle=False,
+            collate_fn=self._collator(),
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+
+def _map_windows(
+    tokenizer: Any,
+    train: bool,
+    max_length: int,
+    stride: int,
+    pad_to_max_length: bool,
+    batch: dict[str, list],
+    indices: list[int],
+) -> dict[str, list]:
+    if train:
+        windows = make_train_windows(
+            tokenizer,
+            batch["question"],
+            batch["context"],
+            batch["answers"],
+            max_length,
+            stride,
+            pad_to_max_length,
+        )
+    else:
+        windows = make_eval_windows(
+            tokenizer, batch["question"], batch["context"], max_length, stride, pad_to_max_length
+        )
+    windows["example_index"] = [indices[i] for i in windows["example_index"]]
+    return windows

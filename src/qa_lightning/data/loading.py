@@ -1,0 +1,202 @@
+"""Load SQuAD-format examples from the Hugging Face hub or local files (json, jsonl, parquet).
+
+Every loader returns a ``datasets.Dataset`` with columns ``id``, ``title``, ``context``,
+``question`` and ``answers`` (``{"text": [str], "answer_start": [int]}``; empty for SQuAD v2
+unanswerable questions).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from qa_lightning.errors import ConfigError, DataError
+
+COLUMNS = ("id", "title", "context", "question", "answers")
+FORMATS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+REQUIRED_FIELDS = ("id", "context", "question", "answers")
+
+
+def load_hub_split(dataset_name: str, dataset_config: str | None, split: str) -> datasets.Dataset:
+    """One split of a SQuAD-format hub dataset (e.g. ``squad``, ``squad_v2``)."""
+    try:
+        examples = datasets.load_dataset(dataset_name, dataset_config, split=split)
+    except Exception as error:  # the hub raises many types: connection, missing repo, auth
+        raise ConfigError(
+            f"could not load split '{split}' of dataset '{dataset_name}' from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            "Without network access, train on local SQuAD-format files instead: "
+            "data=local data.train_file=PATH data.validation_file=PATH (json, jsonl or parquet), "
+            "and use a local model such as model=minilm."
+        ) from error
+    missing = [c for c in REQUIRED_FIELDS if c not in examples.column_names]
+    if missing:
+        raise DataError(
+            f"hub dataset '{dataset_name}' has no column(s) {missing}; a SQuAD-format dataset "
+            f"has columns {list(COLUMNS)}. Set data.dataset_name to a SQuAD-format dataset."
+        )
+    if "title" not in examples.column_names:
+        examples = examples.add_column("title", [""] * len(examples))
+    return examples.select_columns(list(COLUMNS))
+
+
+def load_local_file(path: str | Path) -> datasets.Dataset:
+    """Examples of a local SQuAD-format file, chosen by extension (.json, .jsonl, .parquet)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"data file '{path}' does not exist (resolved to '{path.resolve()}'). "
+            "Check data.train_file / data.validation_file; relative paths are relative to the "
+            "directory you run from."
+        )
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError(
+            f"data file '{path}' has an unsupported extension '{path.suffix}'; use one of "
+            f"{sorted(FORMATS)} (SQuAD json layout, or records with fields {list(COLUMNS)})."
+        )
+    if kind == "parquet":
+        records = _read_parquet(path)
+    else:
+        text = _read_text(path)
+        records = _parse_jsonl(path, text) if kind == "jsonl" else _parse_json(path, text)
+    return _to_dataset(path, records)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"data file '{path}' is not valid UTF-8 (byte {error.start}: "
+            f"{error.object[error.start : error.start + 4]!r}). Re-encode it as UTF-8."
+        ) from error
+    except OSError as error:
+        raise ConfigError(f"cannot read data file '{path}': {error.strerror}.") from error
+
+
+def _parse_json(path: Path, text: str) -> list[dict[str, Any]]:
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"data file '{path}' is not valid JSON: {error.msg} at line {error.lineno}, column "
+            f"{error.colno}. A .json file holds the official SQuAD layout "
+            '{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}; '
+            "use .jsonl for one record per line."
+        ) from error
+    if isinstance(content, dict) and isinstance(content.get("data"), list):
+        return _flatten_squad(path, content["data"])
+    if isinstance(content, list):
+        return content
+    raise DataError(
+        f"data file '{path}' is JSON but not in the SQuAD layout: expected an object with a "
+        '"data" list of articles, or a list of records with fields ' + str(list(COLUMNS)) + "."
+    )
+
+
+def _flatten_squad(path: Path, articles: list[Any]) -> list[dict[str, Any]]:
+    records = []
+    for a, article in enumerate(articles):
+        try:
+            for paragraph in article["paragraphs"]:
+                for qa in paragraph["qas"]:
+                    records.append(
+                        {
+                            "id": qa["id"],
+                            "title": article.get("title", ""),
+                            "context": paragraph["context"],
+                            "question": qa["question"],
+                            "answers": [] if qa.get("is_impossible") else qa["answers"],
+                        }
+                    )
+        except (KeyError, TypeError) as error:
+            raise DataError(
+                f"data file '{path}': article {a} ('{_title(article)}') lacks field {error} of "
+                "the SQuAD layout (articles have 'paragraphs', paragraphs 'context' and 'qas', "
+                "questions 'id', 'question' and 'answers')."
+            ) from error
+    return records
+
+
+def _title(article: Any) -> str:
+    return article.get("title", "?") if isinstance(article, dict) else "?"
+
+
+def _parse_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"data file '{path}' line {number} is not valid JSON ({error.msg}, column "
+                f"{error.colno}). Each line of a .jsonl file is one record with fields "
+                f"{list(COLUMNS)}."
+            ) from error
+    return records
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise DataError(f"data file '{path}' is not a readable parquet file: {error}.") from error
+
+
+def _normalise_answers(answers: Any) -> dict[str, list]:
+    """Accept ``{"text": [...], "answer_start": [...]}`` or ``[{"text", "answer_start"}, ...]``."""
+    if isinstance(answers, dict):
+        texts, starts = list(answers["text"]), list(answers["answer_start"])
+    else:
+        texts = [a["text"] for a in answers]
+        starts = [a["answer_start"] for a in answers]
+    if len(texts) != len(starts):
+        raise ValueError("answers have different numbers of 'text' and 'answer_start'")
+    return {"text": [str(t) for t in texts], "answer_start": [int(s) for s in starts]}
+
+
+def _to_dataset(path: Path, records: list[Any]) -> datasets.Dataset:
+    columns: dict[str, list] = {c: [] for c in COLUMNS}
+    for position, record in enumerate(records):
+        name = record.get("id", f"#{position}") if isinstance(record, dict) else f"#{position}"
+        if not isinstance(record, dict):
+            raise DataError(f"data file '{path}': record {position} is not an object.")
+        missing = [f for f in REQUIRED_FIELDS if record.get(f) is None]
+        if missing:
+            raise DataError(
+                f"data file '{path}': record '{name}' (position {position}) lacks field(s) "
+                f"{missing}; every record needs {list(REQUIRED_FIELDS)}."
+            )
+        try:
+            answers = _normalise_answers(record["answers"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(
+                f"data file '{path}': record '{name}' has malformed answers ({error}); expected "
+                '{"text": [...], "answer_start": [...]} or [{"text": ..., "answer_start": ...}].'
+            ) from error
+        columns["id"].append(str(record["id"]))
+        columns["title"].append(str(record.get("title") or ""))
+        columns["context"].append(str(record["context"]))
+        columns["question"].append(str(record["question"]))
+        columns["answers"].append(answers)
+    if not columns["id"]:
+        raise DataError(f"data file '{path}' holds no questions.")
+    features = datasets.Features(
+        id=datasets.Value("string"),
+        title=datasets.Value("string"),
+        context=datasets.Value("string"),
+        question=datasets.Value("string"),
+        answers={
+            "text": datasets.List(datasets.Value("string")),
+            "answer_start": datasets.List(datasets.Value("int32")),
+        },
+    )
+    return datasets.Dataset.from_dict(columns, features=features)

@@ -1,0 +1,50 @@
+"""Length-grouped sampling: batches of windows of similar length, in a random order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+def length_grouped_order(
+    lengths: Sequence[int], batch_size: int, seed: int, mega_batch_factor: int = 50
+) -> list[int]:
+    """Shuffle, cut into mega-batches of ``batch_size * mega_batch_factor`` windows, sort each
+    mega-batch by length (longest first), then shuffle the order of the resulting batches.
+
+    The longest batch comes first, so that an out-of-memory error shows at the first step.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths)
+    order = rng.permutation(len(lengths))
+    mega = batch_size * mega_batch_factor
+    batches = []
+    for begin in range(0, len(order), mega):
+        chunk = order[begin : begin + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    batch_order = rng.permutation(len(batches))
+    longest = int(np.argmax([lengths[b].max() for b in batches])) if batches else 0
+    batch_order = np.concatenate([[longest], batch_order[batch_order != longest]])
+    return [int(i) for b in batch_order for i in batches[b]]
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices in :func:`length_grouped_order`, reshuffled each epoch (``set_epoch``)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch)

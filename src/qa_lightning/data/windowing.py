@@ -1,0 +1,185 @@
+"""Sliding-window tokenisation of SQuAD examples (pure functions of tokenizer outputs).
+
+Semantics follow the Hugging Face question-answering reference (``utils_qa.py``): the question is
+kept whole, the context is split into windows of ``max_length`` tokens overlapping by ``stride``
+tokens (``truncation="only_second"``), and a training window whose context does not wholly contain
+the answer is labelled ``(cls_index, cls_index)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+#: Offset given to tokens outside the context (question, special and padding tokens) in
+#: evaluation windows, so that offsets collate into tensors.
+NO_OFFSET = -1
+
+
+def context_sequence_id(tokenizer: Any) -> int:
+    """Index of the context in the (question, context) pair: 1 when padding on the right."""
+    return 1 if tokenizer.padding_side == "right" else 0
+
+
+def label_window(
+    offsets: np.ndarray,
+    sequence_ids: Sequence[int | None],
+    context_id: int,
+    start_char: int,
+    end_char: int,
+    cls_index: int,
+) -> tuple[int, int]:
+    """Token span ``(start, end)`` (inclusive) covering characters ``[start_char, end_char)``.
+
+    Returns ``(cls_index, cls_index)`` when the window's context does not wholly contain the answer.
+    The start token is the last context token starting at or before ``start_char``; the end token
+    the first context token ending at or after ``end_char``.
+    """
+    in_context = np.fromiter((s == context_id for s in sequence_ids), dtype=bool)
+    context_tokens = np.flatnonzero(in_context)
+    if context_tokens.size == 0:
+        return cls_index, cls_index
+    starts = offsets[context_tokens, 0]
+    ends = offsets[context_tokens, 1]
+    if starts[0] > start_char or ends[-1] < end_char:
+        return cls_index, cls_index
+    start_token = context_tokens[starts <= start_char][-1]
+    end_token = context_tokens[ends >= end_char][0]
+    return int(start_token), int(end_token)
+
+
+def _tokenize_pairs(
+    tokenizer: Any,
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    max_length: int,
+    stride: int,
+    pad_to_max_length: bool,
+) -> Any:
+    question_first = tokenizer.padding_side == "right"
+    questions = [q.lstrip() for q in questions]
+    return tokenizer(
+        questions if question_first else contexts,
+        contexts if question_first else questions,
+        truncation="only_second" if question_first else "only_first",
+        max_length=max_length,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length" if pad_to_max_length else False,
+    )
+
+
+def _cls_index(input_ids: Sequence[int], cls_token_id: int | None) -> int:
+    if cls_token_id is not None and cls_token_id in input_ids:
+        return input_ids.index(cls_token_id)
+    return 0
+
+
+def make_train_windows(
+    tokenizer: Any,
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    answers: Sequence[dict[str, list]],
+    max_length: int,
+    stride: int,
+    pad_to_max_length: bool = False,
+) -> dict[str, list]:
+    """Tokenise examples into labelled training windows.
+
+    ``answers[i]`` is ``{"text": [...], "answer_start": [...]}``; the first answer is the label
+    (the reference recipe's choice). An example with no answer (SQuAD v2) labels every window CLS.
+    Returns columns ``input_ids``, ``attention_mask`` (``token_type_ids`` when the tokenizer has
+    them), ``start_positions``, ``end_positions``, ``length`` and ``example_index`` (position of
+    the window's example in the input batch).
+    """
+    encoded = _tokenize_pairs(tokenizer, questions, contexts, max_length, stride, pad_to_max_length)
+    context_id = context_sequence_id(tokenizer)
+    windows: dict[str, list] = {key: [] for key in encoded if key != "offset_mapping"}
+    windows.pop("overflow_to_sample_mapping", None)
+    windows.update(start_positions=[], end_positions=[], length=[], example_index=[])
+    for i, example_index in enumerate(encoded["overflow_to_sample_mapping"]):
+        for key in windows.keys() & encoded.keys():
+            windows[key].append(encoded[key][i])
+        input_ids = encoded["input_ids"][i]
+        cls_index = _cls_index(input_ids, tokenizer.cls_token_id)
+        answer = answers[example_index]
+        if len(answer["answer_start"]) == 0:
+            start, end = cls_index, cls_index
+        else:
+            start_char = answer["answer_start"][0]
+            end_char = start_char + len(answer["text"][0])
+            start, end = label_window(
+                np.asarray(encoded["offset_mapping"][i]),
+                encoded.sequence_ids(i),
+                context_id,
+                start_char,
+                end_char,
+                cls_index,
+            )
+        windows["start_positions"].append(start)
+        windows["end_positions"].append(end)
+        windows["length"].append(int(sum(encoded["attention_mask"][i])))
+        windows["example_index"].append(example_index)
+    return windows
+
+
+def make_eval_windows(
+    tokenizer: Any,
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    max_length: int,
+    stride: int,
+    pad_to_max_length: bool = False,
+) -> dict[str, list]:
+    """Tokenise examples into evaluation windows.
+
+    Each window keeps ``example_index`` (position of its example in the input batch) and an
+    ``offset_mapping`` of ``[start, end)`` character offsets into the context, with
+    ``(NO_OFFSET, NO_OFFSET)`` for tokens outside the context, so that windows collate into tensors.
+    """
+    encoded = _tokenize_pairs(tokenizer, questions, contexts, max_length, stride, pad_to_max_length)
+    context_id = context_sequence_id(tokenizer)
+    windows: dict[str, list] = {key: [] for key in encoded if key != "overflow_to_sample_mapping"}
+    windows.update(example_index=[], length=[])
+    for i, example_index in enumerate(encoded["overflow_to_sample_mapping"]):
+        for key in windows.keys() & encoded.keys():
+            if key != "offset_mapping":
+                windows[key].append(encoded[key][i])
+        sequence_ids = encoded.sequence_ids(i)
+        windows["offset_mapping"].append(
+            [
+                list(offset) if sequence_ids[t] == context_id else [NO_OFFSET, NO_OFFSET]
+                for t, offset in enumerate(encoded["offset_mapping"][i])
+            ]
+        )
+        windows["example_index"].append(example_index)
+        windows["length"].append(int(sum(encoded["attention_mask"][i])))
+    return windows
+
+
+def window_text(context: str, offsets: np.ndarray, start: int, end: int) -> str:
+    """Context text covered by tokens ``start..end`` (inclusive) through their offsets."""
+    return context[int(offsets[start][0]) : int(offsets[end][1])]
+
+
+def truncate_questions(
+    tokenizer: Any, questions: Sequence[str], max_tokens: int
+) -> tuple[list[str], list[int]]:
+    """Cut questions longer than ``max_tokens`` tokens at their ``max_tokens``-th token.
+
+    Returns the questions and the positions of those that were cut.
+    """
+    encoded = tokenizer(
+        [q.lstrip() for q in questions], add_special_tokens=False, return_offsets_mapping=True
+    )
+    kept, cut = [], []
+    for i, (question, offsets) in enumerate(zip(questions, encoded["offset_mapping"], strict=True)):
+        if len(offsets) > max_tokens:
+            kept.append(question.lstrip()[: offsets[max_tokens - 1][1]])
+            cut.append(i)
+        else:
+            kept.append(question)
+    return kept, cut

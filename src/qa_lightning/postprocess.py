@@ -1,0 +1,93 @@
+"""Start/end logits -> answer spans, vectorised over windows (SQuAD v1 semantics of ``utils_qa.py``).
+
+A window's candidates are pairs of its ``n_best`` highest start and ``n_best`` highest end logits
+whose tokens lie in the context, with ``start <= end`` and at most ``max_answer_length`` tokens;
+a candidate's score is ``start_logit + end_logit``. An example's answer is its best candidate over
+all of its windows, or ``""`` when no window has a valid candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qa_lightning.data.windowing import NO_OFFSET
+
+
+@dataclass
+class WindowSpans:
+    """Best ``top_k`` candidates of each window; invalid candidates have score ``-inf``."""
+
+    scores: torch.Tensor  # (windows, top_k)
+    start_chars: torch.Tensor  # (windows, top_k)
+    end_chars: torch.Tensor  # (windows, top_k)
+
+
+def best_window_spans(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    offsets: torch.Tensor,
+    n_best: int = 20,
+    max_answer_length: int = 30,
+    top_k: int = 1,
+) -> WindowSpans:
+    """Best candidate spans of each window, as character offsets into the context.
+
+    ``offsets`` is ``(windows, tokens, 2)`` with ``NO_OFFSET`` for tokens outside the context.
+    """
+    start_logits, end_logits = start_logits.float(), end_logits.float()
+    k = min(n_best, start_logits.shape[1])
+    start_values, start_tokens = start_logits.topk(k, dim=1)
+    end_values, end_tokens = end_logits.topk(k, dim=1)
+    token_starts = offsets[..., 0]
+    start_in_context = token_starts.gather(1, start_tokens) != NO_OFFSET
+    end_in_context = token_starts.gather(1, end_tokens) != NO_OFFSET
+    span_length = end_tokens[:, None, :] - start_tokens[:, :, None] + 1
+    valid = (
+        start_in_context[:, :, None]
+        & end_in_context[:, None, :]
+        & (span_length >= 1)
+        & (span_length <= max_answer_length)
+    )
+    scores = start_values[:, :, None] + end_values[:, None, :]
+    scores = scores.masked_fill(~valid, float("-inf")).flatten(1)
+    top_scores, flat = scores.topk(min(top_k, scores.shape[1]), dim=1)
+    best_start_tokens = start_tokens.gather(1, flat // k)
+    best_end_tokens = end_tokens.gather(1, flat % k)
+    return WindowSpans(
+        scores=top_scores,
+        start_chars=token_starts.gather(1, best_start_tokens),
+        end_chars=offsets[..., 1].gather(1, best_end_tokens),
+    )
+
+
+def best_example_spans(
+    example_index: np.ndarray,
+    scores: np.ndarray,
+    start_chars: np.ndarray,
+    end_chars: np.ndarray,
+    num_examples: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best window candidate of each example (windows may come in any order, even repeated).
+
+    Returns ``(scores, start_chars, end_chars)`` of length ``num_examples``; an example without a
+    valid candidate has score ``-inf`` and span ``(0, 0)``.
+    """
+    best_scores = np.full(num_examples, -np.inf)
+    best_starts = np.zeros(num_examples, dtype=np.int64)
+    best_ends = np.zeros(num_examples, dtype=np.int64)
+    valid = np.isfinite(scores)
+    order = np.argsort(-scores[valid], kind="stable")
+    indices, first = np.unique(example_index[valid][order], return_index=True)
+    chosen = order[first]
+    best_scores[indices] = scores[valid][chosen]
+    best_starts[indices] = start_chars[valid][chosen]
+    best_ends[indices] = end_chars[valid][chosen]
+    return best_scores, best_starts, best_ends
+
+
+def answer_texts(contexts: list[str], start_chars: np.ndarray, end_chars: np.ndarray) -> list[str]:
+    """Slice each context by its span; ``(0, 0)`` gives ``""``."""
+    return [c[int(s) : int(e)] for c, s, e in zip(contexts, start_chars, end_chars, strict=True)]
