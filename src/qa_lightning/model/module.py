@@ -67,6 +67,8 @@ class QAModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = load_qa_model(name_or_path, from_scratch, _plain(config_overrides))
+        # from_pretrained returns eval mode and Lightning keeps submodule modes: train with dropout
+        self.model.train()
         if compile:
             self.model.forward = torch.compile(self.model.forward)
         self.best: dict[str, float] = {"f1": -1.0, "em": -1.0, "epoch": -1}
