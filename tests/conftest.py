@@ -1,0 +1,70 @@
+"""Shared fixtures: Hydra composition into a temporary run dir, the tiny model's tokenizer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from qa_lightning.config import minilm_path, register_resolvers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SHARED_SQUAD = ROOT.parent / "shared" / "data" / "squad"
+register_resolvers()
+
+#: Overrides for a quick CPU run of the tiny model on the shipped demo files.
+TINY_OVERRIDES = [
+    "model=tiny",
+    "data=demo",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "data.max_length=128",
+    "data.stride=32",
+    "data.batch_size=16",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """MiniLM's uncased WordPiece tokenizer (offline), also the tiny model's."""
+    from qa_lightning.tokenizer import load_tokenizer
+
+    return load_tokenizer(minilm_path())
+
+
+@pytest.fixture
+def compose_train(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose ``conf/train.yaml`` with overrides; run dir and feature cache under tmp_path."""
+
+    def _compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = compose(config_name, overrides=overrides or [], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.cache_dir = str(tmp_path / "cache")
+            del cfg.hydra
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def shared_squad() -> Path:
+    """The shared SQuAD v1.1 split (see ../shared/data/squad/README.md); skip when absent."""
+    if not (SHARED_SQUAD / "train.json").is_file():
+        pytest.skip("shared SQuAD files not present")
+    return SHARED_SQUAD
