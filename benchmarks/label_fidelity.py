@@ -25,9 +25,11 @@ def label_fidelity(
     """``(labelled windows, windows whose covered text matches, examples of mismatches)``."""
     tokenizer = load_tokenizer(model)
     examples = load_local_file(file)
-    questions, contexts, answers = examples["question"][:], examples["context"][:], examples[
-        "answers"
-    ][:]
+    questions, contexts, answers = (
+        examples["question"][:],
+        examples["context"][:],
+        examples["answers"][:],
+    )
     windows = make_train_windows(tokenizer, questions, contexts, answers, max_length, stride)
     encoded = tokenizer(
         [q.lstrip() for q in questions],

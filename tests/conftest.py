@@ -32,6 +32,7 @@ TINY_OVERRIDES = [
     "data.stride=32",
     "data.batch_size=16",
     "callbacks.progress_bar.refresh_rate=0",
+    "trainer.log_every_n_steps=1",
 ]
 
 

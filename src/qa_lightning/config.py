@@ -85,8 +85,12 @@ def validate_data_config(data: DictConfig) -> None:
         data.stride,
         f"the overlap must be smaller than data.max_length={data.max_length} (e.g. 128 for 384).",
     )
-    _check(data.max_question_tokens > 0, "data.max_question_tokens", data.max_question_tokens,
-           "must be > 0 (e.g. 64).")
+    _check(
+        data.max_question_tokens > 0,
+        "data.max_question_tokens",
+        data.max_question_tokens,
+        "must be > 0 (e.g. 64).",
+    )
     room = data.max_length - data.max_question_tokens - PAIR_SPECIAL_TOKENS
     _check(
         data.stride < room,
@@ -110,6 +114,11 @@ def validate_data_config(data: DictConfig) -> None:
     )
     for key in ("train_file", "validation_file"):
         path = data.get(key)
+        if not path and not data.get("dataset_name"):
+            raise ConfigError(
+                f"no data for data.{key.removesuffix('_file')}: set data.{key}=PATH (SQuAD json, "
+                "jsonl or parquet), or data.dataset_name=squad to load it from the hub."
+            )
         if path and not Path(path).is_file():
             raise ConfigError(
                 f"data.{key}='{path}' does not exist (resolved to '{Path(path).resolve()}'); "

@@ -1,4 +1,4 @@
-"""Start/end logits -> answer spans, vectorised over windows (SQuAD v1 semantics of ``utils_qa.py``).
+"""Start/end logits -> answer spans, vectorised over windows (SQuAD v1, as ``utils_qa.py``).
 
 A window's candidates are pairs of its ``n_best`` highest start and ``n_best`` highest end logits
 whose tokens lie in the context, with ``start <= end`` and at most ``max_answer_length`` tokens;

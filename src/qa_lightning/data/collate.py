@@ -33,7 +33,9 @@ class WindowCollator:
                 pad = self.pad_token_id if key == "input_ids" else 0
                 batch[key] = _pad([torch.as_tensor(v) for v in values], length, pad)
             elif key == "offset_mapping":
-                batch[key] = _pad([torch.as_tensor(v).view(-1, 2) for v in values], length, NO_OFFSET)
+                batch[key] = _pad(
+                    [torch.as_tensor(v).view(-1, 2) for v in values], length, NO_OFFSET
+                )
             else:
                 batch[key] = torch.as_tensor(values)
         return batch

@@ -122,8 +122,9 @@ class SquadDataModule(L.LightningDataModule):
             stride=hp.stride,
             pad_to_max_length=hp.pad_to_max_length,
         )
-        make = partial(_map_windows, self.tokenizer, train, hp.max_length, hp.stride,
-                       hp.pad_to_max_length)
+        make = partial(
+            _map_windows, self.tokenizer, train, hp.max_length, hp.stride, hp.pad_to_max_length
+        )
 
         def build() -> datasets.Dataset:
             return examples.map(
@@ -150,9 +151,7 @@ class SquadDataModule(L.LightningDataModule):
             questions = self._truncate_long_questions(self.val_examples)
             windows = self._windows(questions, train=False)
             self.val_windows = windows.sort("length", reverse=True)
-            log.info(
-                "validation: %d questions -> %d windows", len(self.val_examples), len(windows)
-            )
+            log.info("validation: %d questions -> %d windows", len(self.val_examples), len(windows))
 
     # -- loaders -------------------------------------------------------------------------------
 

@@ -16,9 +16,7 @@ OnBadRecord = Literal["error", "skip"]
 SHOWN_PROBLEMS = 10
 
 
-def record_problems(
-    examples: datasets.Dataset, allow_unanswerable: bool = False
-) -> dict[str, str]:
+def record_problems(examples: datasets.Dataset, allow_unanswerable: bool = False) -> dict[str, str]:
     """``{id: problem}`` for every record that cannot be trained or scored as it is."""
     problems: dict[str, str] = {}
     counts = Counter(examples["id"])

@@ -1,4 +1,4 @@
-"""LightningModule wrapping ``AutoModelForQuestionAnswering``, scored with SQuAD EM/F1 each epoch."""
+"""LightningModule wrapping ``AutoModelForQuestionAnswering``; SQuAD EM/F1 every epoch."""
 
 from __future__ import annotations
 

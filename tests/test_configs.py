@@ -1,0 +1,94 @@
+"""Every config group composes, instantiates (without loading weights) and validates."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from qa_lightning.config import validate_train_config
+from qa_lightning.errors import ConfigError
+from tests.conftest import CONF_DIR
+
+GROUPS = ["data", "model", "trainer", "callbacks", "logger", "paths", "experiment"]
+# data=local needs its files: give it the shipped demo files
+FILLED = {
+    "local": [
+        "data.train_file=${qa_resource:demo/train.json}",
+        "data.validation_file=${qa_resource:demo/validation.json}",
+    ]
+}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in GROUPS for o in options(g)], ids=lambda v: str(v)
+)
+def test_every_group_option_composes(compose_train, group: str, option: str) -> None:
+    cfg = compose_train([f"{group}={option}", *FILLED.get(option, [])])
+    OmegaConf.resolve(cfg)
+    validate_train_config(cfg)
+    for node in (cfg.data, cfg.model, cfg.trainer):
+        assert get_class(node._target_)
+
+
+def test_groups_have_the_documented_options() -> None:
+    assert {"sample", "full", "local", "demo"} <= set(options("data"))
+    assert {"distilbert_base_uncased", "bert_base_cased", "roberta_base", "minilm", "tiny"} <= set(
+        options("model")
+    )
+    assert {"default", "cpu", "gpu"} <= set(options("trainer"))
+
+
+def test_defaults_match_the_reference_recipe(compose_train) -> None:
+    cfg = compose_train()
+    assert cfg.data.train_samples == 2000 and cfg.data.sample_seed == 42
+    assert (cfg.data.max_length, cfg.data.stride) == (384, 128)
+    assert (cfg.model.lr, cfg.model.weight_decay) == (2e-5, 0.01)
+    assert (cfg.model.n_best, cfg.model.max_answer_length) == (20, 30)
+    assert cfg.data.batch_size == 8
+    assert cfg.model.name_or_path == "distilbert-base-uncased"
+
+
+def test_cpu_trainer_is_fp32(compose_train) -> None:
+    assert compose_train(["trainer=cpu"]).trainer.precision == "32-true"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.stride=384", "data.stride"),
+        ("data.stride=330", "data.stride"),  # leaves no room for 64 question tokens
+        ("data.max_length=0", "data.max_length"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.train_samples=-5", "data.train_samples"),
+        ("model.lr=0", "model.lr"),
+        ("trainer.max_epochs=0", "trainer.max_epochs"),
+        ("data.on_bad_record=ignore", "data.on_bad_record"),
+    ],
+)
+def test_invalid_values_are_rejected_naming_the_key(compose_train, override: str, key: str) -> None:
+    cfg = compose_train([override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_train_config(cfg)
+
+
+def test_local_data_without_files_names_the_missing_keys(compose_train) -> None:
+    cfg = compose_train(["data=local"])
+    with pytest.raises(ConfigError, match=r"data\.train_file"):
+        validate_train_config(cfg)
+
+
+def test_missing_data_file_is_reported(compose_train, tmp_path) -> None:
+    cfg = compose_train(
+        [
+            "data=local",
+            f"data.train_file={tmp_path}/nope.json",
+            f"data.validation_file={tmp_path}/nope.json",
+        ]
+    )
+    with pytest.raises(ConfigError, match="nope.json"):
+        validate_train_config(cfg)
