@@ -12,9 +12,10 @@ def length_grouped_order(
     lengths: Sequence[int], batch_size: int, seed: int, mega_batch_factor: int = 50
 ) -> list[int]:
     """Shuffle, cut into mega-batches of ``batch_size * mega_batch_factor`` windows, sort each
-    mega-batch by length (longest first), then shuffle the order of the resulting batches.
+    mega-batch by length (longest first), then shuffle the order of the resulting full batches.
 
-    The longest batch comes first, so that an out-of-memory error shows at the first step.
+    The longest batch comes first, so that an out-of-memory error shows at the first step; short
+    batches (the end of each mega-batch that is not a multiple of ``batch_size``) come last.
     """
     rng = np.random.default_rng(seed)
     lengths = np.asarray(lengths)
@@ -25,10 +26,15 @@ def length_grouped_order(
         chunk = order[begin : begin + mega]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    batch_order = rng.permutation(len(batches))
-    longest = int(np.argmax([lengths[b].max() for b in batches])) if batches else 0
-    batch_order = np.concatenate([[longest], batch_order[batch_order != longest]])
-    return [int(i) for b in batch_order for i in batches[b]]
+    # a short batch (the ragged end) must stay last: the loader cuts every batch_size indices
+    full = [i for i, b in enumerate(batches) if len(b) == batch_size]
+    ragged = [i for i, b in enumerate(batches) if len(b) != batch_size]
+    batch_order = [full[i] for i in rng.permutation(len(full))]
+    if batch_order:
+        longest = max(batch_order, key=lambda i: lengths[batches[i]].max())
+        batch_order.remove(longest)
+        batch_order.insert(0, longest)
+    return [int(i) for b in batch_order + ragged for i in batches[b]]
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -8,6 +8,7 @@ the answer is labelled ``(cls_index, cls_index)``.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,20 @@ def label_window(
     start_token = context_tokens[starts <= start_char][-1]
     end_token = context_tokens[ends >= end_char][0]
     return int(start_token), int(end_token)
+
+
+def answer_end(context: str, start_char: int, end_char: int) -> int:
+    """End of the answer without trailing characters that no token covers.
+
+    Tokenizers drop combining marks (accent stripping), format characters and white space from
+    their offsets, so an answer ending in one would otherwise never fit in a window.
+    """
+    while end_char > start_char and (
+        context[end_char - 1].isspace()
+        or unicodedata.category(context[end_char - 1]) in ("Mn", "Me", "Cf")
+    ):
+        end_char -= 1
+    return end_char
 
 
 def _tokenize_pairs(
@@ -111,6 +126,7 @@ def make_train_windows(
         else:
             start_char = answer["answer_start"][0]
             end_char = start_char + len(answer["text"][0])
+            end_char = answer_end(contexts[example_index], start_char, end_char)
             start, end = label_window(
                 np.asarray(encoded["offset_mapping"][i]),
                 encoded.sequence_ids(i),
