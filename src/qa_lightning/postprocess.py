@@ -1,9 +1,11 @@
-"""Start/end logits -> answer spans, vectorised over windows (SQuAD v1, as ``utils_qa.py``).
+"""Start/end logits -> answer spans, vectorised over windows (as ``utils_qa.py``).
 
-A window's candidates are pairs of its ``n_best`` highest start and ``n_best`` highest end logits
-whose tokens lie in the context, with ``start <= end`` and at most ``max_answer_length`` tokens;
-a candidate's score is ``start_logit + end_logit``. An example's answer is its best candidate over
-all of its windows, or ``""`` when no window has a valid candidate.
+A window's candidates are pairs of its ``n_best`` highest start and ``n_best`` highest end
+logits whose tokens lie in the context, with ``start <= end`` and at most ``max_answer_length``
+tokens; a candidate's score is ``start_logit + end_logit``. An example's answer is its best
+candidate over all of its windows, or ``""`` when no window has a valid candidate. For SQuAD v2,
+a window's "no answer" score is its CLS start + end logit, and an example's the minimum over its
+windows.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class WindowSpans:
     scores: torch.Tensor  # (windows, top_k)
     start_chars: torch.Tensor  # (windows, top_k)
     end_chars: torch.Tensor  # (windows, top_k)
+    null_scores: torch.Tensor  # (windows,): CLS start + end logit, the "no answer" score
 
 
 def best_window_spans(
@@ -60,6 +63,7 @@ def best_window_spans(
         scores=top_scores,
         start_chars=token_starts.gather(1, best_start_tokens),
         end_chars=offsets[..., 1].gather(1, best_end_tokens),
+        null_scores=start_logits[:, 0] + end_logits[:, 0],
     )
 
 
@@ -88,6 +92,28 @@ def best_example_spans(
     return best_scores, best_starts, best_ends
 
 
+def example_null_scores(
+    example_index: np.ndarray, null_scores: np.ndarray, num_examples: int
+) -> np.ndarray:
+    """An example's null score: the minimum over its windows (as ``utils_qa.py``)."""
+    nulls = np.full(num_examples, np.inf)
+    np.minimum.at(nulls, example_index, null_scores)
+    return nulls
+
+
 def answer_texts(contexts: list[str], start_chars: np.ndarray, end_chars: np.ndarray) -> list[str]:
     """Slice each context by its span; ``(0, 0)`` gives ``""``."""
     return [c[int(s) : int(e)] for c, s, e in zip(contexts, start_chars, end_chars, strict=True)]
+
+
+def example_answers(
+    example_index: np.ndarray,
+    scores: np.ndarray,
+    start_chars: np.ndarray,
+    end_chars: np.ndarray,
+    ids: list[str],
+    contexts: list[str],
+) -> dict[str, str]:
+    """``{id: answer}`` from the best span of each window (``ids``/``contexts`` by example)."""
+    _, starts, ends = best_example_spans(example_index, scores, start_chars, end_chars, len(ids))
+    return dict(zip(ids, answer_texts(contexts, starts, ends), strict=True))

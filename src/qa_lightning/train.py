@@ -1,4 +1,4 @@
-"""Fine-tune and evaluate: ``python -m qa_lightning.train [overrides]`` (see ``conf/train.yaml``)."""
+"""Fine-tune and evaluate: ``python -m qa_lightning.train [overrides]`` (``conf/train.yaml``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qa_lightning.cli import report_errors
 from qa_lightning.config import register_resolvers, validate_train_config
+from qa_lightning.export import try_export_hf
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -49,7 +52,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
+    # our own checkpoints hold OmegaConf hyperparameters and RNG states: not weights_only-loadable
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg), weights_only=False)
     wall_time = time.perf_counter() - start
 
     final = {k: float(trainer.callback_metrics[f"val/{k}"]) for k in ("em", "f1")}
@@ -67,18 +71,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.checkpoint_callback
         else None,
     }
+    if metrics["best_checkpoint"] and trainer.is_global_zero:
+        metrics["hf_model"] = try_export_hf(metrics["best_checkpoint"], output_dir / "hf_model")
+    if not trainer.is_global_zero:  # DDP: rank 0 writes the run's files
+        return metrics
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (output_dir / "predictions.json").write_text(
         json.dumps(model.best_predictions, indent=1, ensure_ascii=False)
     )
-    log.info("best val/f1 %.2f (em %.2f) at epoch %d", model.best["f1"], model.best["em"],
-             model.best["epoch"])
+    log.info(
+        "best val/f1 %.2f (em %.2f) at epoch %d",
+        model.best["f1"],
+        model.best["em"],
+        model.best["epoch"],
+    )
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the best ``val/f1``, the value a Hydra sweeper optimises."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # raise, not exit: Hydra records the job as failed and the sweep goes on
+        return train(cfg)["best"]["f1"]
     return report_errors(lambda: train(cfg))["best"]["f1"]
 
 

@@ -23,7 +23,7 @@ def examples_fingerprint(examples: datasets.Dataset) -> str:
     """Hash of the examples' content (ids, questions, contexts and answers, in order)."""
     digest = hashlib.sha256()
     for column in ("id", "question", "context"):
-        for value in examples[column]:
+        for value in examples[column][:]:  # [:] decodes the column at once
             digest.update(value.encode("utf-8", "surrogatepass"))
             digest.update(b"\0")
     digest.update(json.dumps(examples["answers"][:], sort_keys=True).encode())
@@ -33,7 +33,14 @@ def examples_fingerprint(examples: datasets.Dataset) -> str:
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Hash of the tokenizer's vocabulary, normalisation and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab())
+    if backend is not None:
+        # truncation/padding hold the settings of the last call, not the tokenizer's identity
+        settings = json.loads(backend.to_str())
+        settings.pop("truncation", None)
+        settings.pop("padding", None)
+        state = json.dumps(settings, sort_keys=True)
+    else:
+        state = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     extra = [type(tokenizer).__name__, tokenizer.padding_side, str(tokenizer.all_special_tokens)]
     return hashlib.sha256((state + "|".join(extra)).encode()).hexdigest()
 

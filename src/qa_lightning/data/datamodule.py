@@ -96,7 +96,7 @@ class SquadDataModule(L.LightningDataModule):
 
     def _truncate_long_questions(self, examples: datasets.Dataset) -> datasets.Dataset:
         limit = self.hparams.max_question_tokens
-        questions, cut = truncate_questions(self.tokenizer, examples["question"], limit)
+        questions, cut = truncate_questions(self.tokenizer, examples["question"][:], limit)
         if not cut:
             return examples
         ids = [examples[i]["id"] for i in cut[:10]]
@@ -112,7 +112,8 @@ class SquadDataModule(L.LightningDataModule):
 
     # -- windowing -----------------------------------------------------------------------------
 
-    def _windows(self, examples: datasets.Dataset, train: bool) -> datasets.Dataset:
+    def windows(self, examples: datasets.Dataset, train: bool) -> datasets.Dataset:
+        """Tokenised windows of ``examples`` (long questions cut), from the cache when present."""
         hp = self.hparams
         key = cache.cache_key(
             kind="train" if train else "eval",
@@ -120,6 +121,7 @@ class SquadDataModule(L.LightningDataModule):
             tokenizer=cache.tokenizer_fingerprint(self.tokenizer),
             max_length=hp.max_length,
             stride=hp.stride,
+            max_question_tokens=hp.max_question_tokens,
             pad_to_max_length=hp.pad_to_max_length,
         )
         make = partial(
@@ -127,7 +129,7 @@ class SquadDataModule(L.LightningDataModule):
         )
 
         def build() -> datasets.Dataset:
-            return examples.map(
+            return self._truncate_long_questions(examples).map(
                 make,
                 batched=True,
                 with_indices=True,
@@ -143,13 +145,12 @@ class SquadDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer_name_or_path)
         if stage in (None, "fit") and self.train_windows is None:
-            examples = self._truncate_long_questions(self.load_examples("train"))
-            self.train_windows = self._windows(examples, train=True)
+            examples = self.load_examples("train")
+            self.train_windows = self.windows(examples, train=True)
             log.info("train: %d questions -> %d windows", len(examples), len(self.train_windows))
         if stage in (None, "fit", "validate") and self.val_windows is None:
             self.val_examples = self.load_examples("validation")
-            questions = self._truncate_long_questions(self.val_examples)
-            windows = self._windows(questions, train=False)
+            windows = self.windows(self.val_examples, train=False)
             self.val_windows = windows.sort("length", reverse=True)
             log.info("validation: %d questions -> %d windows", len(self.val_examples), len(windows))
 

@@ -19,9 +19,9 @@ SHOWN_PROBLEMS = 10
 def record_problems(examples: datasets.Dataset, allow_unanswerable: bool = False) -> dict[str, str]:
     """``{id: problem}`` for every record that cannot be trained or scored as it is."""
     problems: dict[str, str] = {}
-    counts = Counter(examples["id"])
+    counts = Counter(examples["id"][:])
     for qid, context, question, answers in zip(
-        examples["id"], examples["context"], examples["question"], examples["answers"], strict=True
+        *(examples[c][:] for c in ("id", "context", "question", "answers")), strict=True
     ):
         problem = _problem(context, question, answers, allow_unanswerable)
         if counts[qid] > 1:

@@ -1,0 +1,199 @@
+"""Evaluation throughput of MiniLM on CPU: inference + post-processing over the shared validation
+file, reference recipe vs project, and post-processing alone on the same logits.
+
+Reference: windows padded to 384 in file order, batches of 32, then ``utils_qa``'s double loop over
+each window's argsorted logits, then SQuAD EM/F1. Project: ``Trainer.validate`` of ``QAModule`` on
+the data module's validation windows (sorted by length, dynamically padded): ``best_window_spans``
+per batch, ``best_example_spans`` and EM/F1 at the epoch's end. Both use the same model weights;
+tokenisation is not timed (see preprocess.py).
+
+Post-processing alone is timed on the same logits (the reference's padded windows) for both, and
+their predicted texts must agree on every question. With MiniLM the QA head is untrained, so
+"own logits" agreement is low: padding tokens then get high logits that take n-best slots in the
+reference's padded windows. Pass a fine-tuned model directory with --model for realistic answers.
+
+    python benchmarks/eval_throughput.py [--limit N] [--repeats 1] [--quick]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import common
+import datasets
+import lightning as L
+import numpy as np
+import torch
+from baseline import map_features, postprocess_qa_predictions
+from torch.utils.data import DataLoader
+
+from qa_lightning.data import SquadDataModule
+from qa_lightning.data.windowing import NO_OFFSET
+from qa_lightning.metrics import squad_v1_scores
+from qa_lightning.model import QAModule
+from qa_lightning.postprocess import best_window_spans, example_answers
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+N_BEST, MAX_ANSWER_LENGTH = 20, 30
+
+
+@torch.inference_mode()
+def reference_logits(
+    model: torch.nn.Module, features: datasets.Dataset, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of the padded windows, in order (what the recipe's ``Trainer.predict`` returns)."""
+    columns = [c for c in MODEL_INPUTS if c in features.column_names]
+    starts, ends = [], []
+    for batch in DataLoader(features.with_format("torch", columns=columns), batch_size):
+        outputs = model(**batch)
+        starts.append(outputs.start_logits.numpy())
+        ends.append(outputs.end_logits.numpy())
+    return np.concatenate(starts), np.concatenate(ends)
+
+
+def reference_evaluate(
+    model, examples, features, batch_size: int
+) -> tuple[dict[str, str], tuple[np.ndarray, np.ndarray]]:
+    """Predict, post-process, score (the recipe's ``Trainer.evaluate``): predictions, logits."""
+    logits = reference_logits(model.eval(), features, batch_size)
+    predictions = postprocess_qa_predictions(examples, features, logits, N_BEST, MAX_ANSWER_LENGTH)
+    answers = zip(examples["id"], examples["answers"], strict=True)
+    squad_v1_scores(predictions, {qid: a["text"] for qid, a in answers})
+    return predictions, logits
+
+
+def project_evaluate(trainer: L.Trainer, module: QAModule, datamodule: SquadDataModule) -> dict:
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return module.last_predictions
+
+
+def project_postprocess(examples, index, start_logits, end_logits, offsets) -> dict[str, str]:
+    """``QAModule``'s post-processing (``validation_step`` + ``on_validation_epoch_end``)."""
+    spans = best_window_spans(start_logits, end_logits, offsets, N_BEST, MAX_ANSWER_LENGTH)
+    return example_answers(
+        index,
+        spans.scores[:, 0].double().numpy(),
+        spans.start_chars[:, 0].numpy(),
+        spans.end_chars[:, 0].numpy(),
+        examples["id"][:],
+        examples["context"][:],
+    )
+
+
+def project_inputs(examples, features) -> tuple[np.ndarray, torch.Tensor]:
+    """The reference windows in the project's form: example positions and an offsets tensor."""
+    position = {qid: i for i, qid in enumerate(examples["id"])}
+    index = np.array([position[qid] for qid in features["example_id"]])
+    offsets = torch.tensor(
+        [
+            [o if o is not None else (NO_OFFSET, NO_OFFSET) for o in window]
+            for window in features["offset_mapping"]
+        ]
+    )
+    return index, offsets
+
+
+def agreement(a: dict[str, str], b: dict[str, str]) -> float:
+    """Percentage of questions with the same text; the recipe's ``"empty"`` equals ``""``."""
+    same = sum((a[q] if a[q] != "empty" else "") == (b[q] if b[q] != "empty" else "") for q in a)
+    return 100 * same / len(a)
+
+
+def main() -> None:
+    parser = common.parser(__doc__)
+    parser.add_argument("--limit", type=int, default=None, help="questions (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each; the fastest counts")
+    args = parser.parse_args()
+    if args.quick:
+        args.limit = args.limit or 64
+    path = common.setup(args)
+
+    datamodule = SquadDataModule(
+        path,
+        dataset_name=None,
+        validation_file=str(common.VALIDATION_FILE),
+        validation_samples=args.limit,
+        eval_batch_size=args.batch_size,
+    )
+    datamodule.setup("validate")
+    examples = datamodule.val_examples
+    features = map_features(datamodule.tokenizer, examples, train=False)
+    module = QAModule(path, n_best=N_BEST, max_answer_length=MAX_ANSWER_LENGTH)
+    model = module.model  # the same weights on both sides
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    reference_logits(model.eval(), features.select(range(1)), 1)  # warm-up
+    reference_s = project_s = float("inf")
+    for _ in range(args.repeats):
+        (reference, (start_logits, end_logits)), seconds = common.timed(
+            reference_evaluate, model, examples, features, args.batch_size
+        )
+        reference_s = min(reference_s, seconds)
+        project, seconds = common.timed(project_evaluate, trainer, module, datamodule)
+        project_s = min(project_s, seconds)
+
+    index, offsets = project_inputs(examples, features)
+    repeats = max(3, args.repeats)
+    same_reference, reference_post_s = common.best_of(
+        repeats,
+        lambda: postprocess_qa_predictions(
+            examples, features, (start_logits, end_logits), N_BEST, MAX_ANSWER_LENGTH
+        ),
+    )
+    same_project, project_post_s = common.best_of(
+        repeats,
+        lambda: project_postprocess(
+            examples, index, torch.from_numpy(start_logits), torch.from_numpy(end_logits), offsets
+        ),
+    )
+
+    questions = len(examples)
+    e2e, post = reference_s / project_s, reference_post_s / project_post_s
+    same = agreement(same_reference, same_project)
+    rows: list[list[Any]] = [
+        ["windows", len(features), len(datamodule.val_windows), "", "", ""],
+        [
+            "inference + post-processing + EM/F1, s",
+            reference_s,
+            project_s,
+            e2e,
+            ">= 2.5x",
+            common.verdict(e2e, 2.5),
+        ],
+        ["questions/s", questions / reference_s, questions / project_s, e2e, "", ""],
+        [
+            "post-processing alone (same logits), s",
+            reference_post_s,
+            project_post_s,
+            post,
+            ">= 10x",
+            common.verdict(post, 10),
+        ],
+        [
+            "identical predicted text (same logits), %",
+            "",
+            "",
+            same,
+            "100",
+            common.verdict(same, 100),
+        ],
+        ["identical predicted text (own logits), %", "", "", agreement(reference, project), "", ""],
+    ]
+    common.print_table(
+        f"Evaluation, {common.model_name(path)} fp32, {questions} validation questions, "
+        f"batch {args.batch_size} ({common.machine()})",
+        ["measure", "reference", "project", "ratio / value", "target", ""],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

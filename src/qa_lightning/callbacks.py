@@ -1,0 +1,107 @@
+"""Lightning callbacks of the training run (configured in ``conf/callbacks/default.yaml``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from qa_lightning.checkpointing import ResumableDataLoader, resumable
+
+
+class ExactResume(Callback):
+    """A run resumed from a checkpoint continues as the uninterrupted run would have.
+
+    Lightning restores weights, optimizer, scheduler, epoch, step and loop progress; this adds
+    what it leaves out:
+
+    - the global RNG states (dropout), saved with every checkpoint, restored when training starts;
+    - the position in the epoch: the datamodule's train loader becomes a
+      :class:`~qa_lightning.checkpointing.ResumableDataLoader`, whose state is saved here and
+      loaded when Lightning restarts mid-epoch. Lightning 2.6 loads a stateful loader's state
+      only if the loader is created after the checkpoint is restored, which
+      ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` prevents.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._trainer: L.Trainer | None = None
+        self._loaded: dict[str, Any] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        datamodule = trainer.datamodule
+        if stage != "fit" or datamodule is None:
+            return
+        train_dataloader = datamodule.train_dataloader
+        datamodule.train_dataloader = lambda: resumable(train_dataloader(), self.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng_states": _collect_rng_states(),
+            "epoch": self._trainer.current_epoch if self._trainer else None,
+            "train_loaders": [loader.state_dict() for loader in self._train_loaders()],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the sanity check and before the first batch is drawn
+        if self._loaded is None:
+            return
+        loaded, self._loaded = self._loaded, None
+        _set_rng_states(loaded["rng_states"])
+        # the epoch of the checkpoint goes on (the fit loop has already moved past a finished
+        # one): skip its batches already trained on
+        if trainer.current_epoch == loaded.get("epoch"):
+            for loader, state in zip(self._train_loaders(), loaded["train_loaders"], strict=False):
+                loader.load_state_dict(state)
+
+    def _train_loaders(self) -> list[ResumableDataLoader]:
+        loaders = self._trainer.train_dataloader if self._trainer else None
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
+        elif not isinstance(loaders, list | tuple):
+            loaders = [loaders]
+        return [loader for loader in loaders if isinstance(loader, ResumableDataLoader)]
+
+
+class HyperparametersSummary(Callback):
+    """At the end of training, ``params`` (flattened to ``model.lr``, ``data.stride`` ...) and the
+    best scores go to TensorBoard's HPARAMS tab, one row per run, to compare the runs of a sweep.
+    """
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = flatten(params)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best = getattr(pl_module, "best", None)
+        if not best or best.get("epoch", -1) < 0:
+            return
+        metrics = {
+            "hp/f1_best": best["f1"],
+            "hp/em_best": best["em"],
+            "hp/epoch_best": best["epoch"],
+        }
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(self.params, metrics)
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"lr": 1e-3}}`` -> ``{"model.lr": 1e-3}``."""
+    if isinstance(params, DictConfig):
+        params = OmegaConf.to_container(params, resolve=True)
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

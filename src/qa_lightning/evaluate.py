@@ -1,0 +1,157 @@
+"""Score a model on validation data: ``python -m qa_lightning.evaluate ckpt_path=... data=...``.
+
+Runs ``trainer.validate`` with the training code's ``QAModule`` and ``SquadDataModule``, so a
+checkpoint scores exactly as it did in training (see ``conf/eval.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from qa_lightning.cli import report_errors
+from qa_lightning.config import register_resolvers, validate_data_config
+from qa_lightning.errors import ConfigError
+from qa_lightning.export import checkpoint_model_config, read_checkpoint
+from qa_lightning.metrics import squad_v1_scores
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+
+def configure_model_source(cfg: DictConfig) -> dict[str, str]:
+    """Point ``cfg.model`` at the checkpoint's architecture or at ``model_dir``; returns the source.
+
+    The data module's tokenizer follows through ``${model.name_or_path}``.
+    """
+    ckpt_path, model_dir = cfg.get("ckpt_path"), cfg.get("model_dir")
+    if bool(ckpt_path) == bool(model_dir):
+        raise ConfigError(
+            "give exactly one of ckpt_path=PATH (a training checkpoint, e.g. "
+            "outputs/train/RUN/checkpoints/best-....ckpt) or model_dir=PATH (a Hugging Face "
+            "model directory, e.g. outputs/train/RUN/hf_model)."
+        )
+    with open_dict(cfg):
+        if ckpt_path:
+            model_config = checkpoint_model_config(read_checkpoint(ckpt_path), ckpt_path)
+            # architecture only: the weights are restored from the checkpoint by trainer.validate
+            cfg.model.name_or_path = model_config["name_or_path"]
+            cfg.model.config_overrides = model_config["config_overrides"]
+            cfg.model.from_scratch = True
+            return {"source": str(ckpt_path), "source_type": "checkpoint"}
+        if not Path(model_dir).is_dir():
+            raise ConfigError(
+                f"model_dir='{model_dir}' is not a directory (resolved to "
+                f"'{Path(model_dir).resolve()}'); training writes one to <run dir>/hf_model."
+            )
+        cfg.model.name_or_path = str(model_dir)
+        cfg.model.config_overrides = None
+        cfg.model.from_scratch = False
+        return {"source": str(model_dir), "source_type": "model_dir"}
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    """Fail fast, naming the key and the fix, before data are tokenised or a model is loaded."""
+    with open_dict(cfg):
+        for key in ("train_file", "train_samples"):  # evaluation reads no training data
+            if key in cfg.data and OmegaConf.is_missing(cfg.data, key):
+                cfg.data[key] = None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing required config value(s) {missing}: set them on the command line, e.g. "
+            + " ".join(f"{k}=..." for k in missing)
+        )
+    data = cfg.data
+    if not data.get("validation_file") and not data.get("dataset_name"):
+        raise ConfigError(
+            "no validation data: set data.validation_file=PATH (SQuAD json, jsonl or parquet), "
+            "or data.dataset_name=squad to load it from the hub."
+        )
+    # evaluation reads no training data: check the data config as if it were the validation data
+    data = data.copy()
+    with open_dict(data):
+        data.train_file, data.train_samples = data.validation_file, None
+    validate_data_config(data)
+    for key in ("n_best", "max_answer_length"):
+        if cfg.model[key] <= 0:
+            raise ConfigError(f"invalid config: model.{key}={cfg.model[key]!r}; must be > 0.")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Validate once; write ``metrics.json``, ``predictions.json`` and the resolved config to the
+    run dir. Returns the metrics written."""
+    source = configure_model_source(cfg)
+    validate_eval_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("validate")  # data errors surface before the model is loaded
+    model = instantiate(cfg.model)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_model_summary=False)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # validation needs the training callbacks' states no more than the optimizer's
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
+        # our own checkpoints hold OmegaConf hyperparameters: not loadable with weights_only=True
+        trainer.validate(
+            model,
+            datamodule=datamodule,
+            ckpt_path=cfg.get("ckpt_path"),
+            weights_only=False,
+            verbose=False,
+        )
+    wall_time = time.perf_counter() - start
+
+    examples = datamodule.val_examples
+    references = {
+        qid: a["text"] for qid, a in zip(examples["id"], examples["answers"], strict=True)
+    }
+    # the module's own scoring of the epoch's predictions (it logs them as float32 val/em, val/f1)
+    scores = squad_v1_scores(model.last_predictions, references)
+    metrics = {
+        **scores,
+        "questions": len(examples),
+        "windows": len(datamodule.val_windows),
+        **source,
+        "data": datamodule.hparams.validation_file
+        or f"{datamodule.hparams.dataset_name}:{datamodule.hparams.validation_split}",
+        "skipped_records": len(datamodule.skipped.get("validation", {})),
+        "wall_time_s": round(wall_time, 1),
+    }
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (output_dir / "predictions.json").write_text(
+            json.dumps(model.last_predictions, indent=1, ensure_ascii=False)
+        )
+    log.info(
+        "%s: em %.2f f1 %.2f on %d questions; wrote %s",
+        source["source"],
+        scores["em"],
+        scores["f1"],
+        len(examples),
+        output_dir / "metrics.json",
+    )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+def main(cfg: DictConfig) -> float:
+    """Returns ``f1``."""
+    return report_errors(lambda: evaluate(cfg))["f1"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""What the machine does fast: native bf16 arithmetic on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: ``/proc/cpuinfo`` flags of native bf16 arithmetic: x86 AVX512-BF16 and AMX-BF16 (Intel Xeon
+#: Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later) and the aarch64 BF16 extension.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpuinfo_flags(cpuinfo: str) -> set[str]:
+    """Feature flags that every processor of ``/proc/cpuinfo`` text lists.
+
+    x86 lists them on ``flags`` lines, aarch64 on ``Features`` lines; no such line gives ``set()``.
+    """
+    per_processor = [
+        set(value.split())
+        for key, _, value in (line.partition(":") for line in cpuinfo.splitlines())
+        if key.strip().lower() in ("flags", "features")
+    ]
+    return set.intersection(*per_processor) if per_processor else set()
+
+
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes in bf16 natively, so that ``bf16-mixed`` can beat fp32.
+
+    Without native bf16 (e.g. AVX2-only CPUs) PyTorch emulates bf16 and is slower than fp32.
+    Reads ``/proc/cpuinfo`` (or the ``cpuinfo`` text given); where it cannot be read (macOS,
+    Windows) asks PyTorch's CPU detection for AVX512-BF16 or AMX.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = CPUINFO.read_text()
+        except OSError:
+            return _torch_detects_bf16()
+    return bool(cpuinfo_flags(cpuinfo) & BF16_FLAGS)
+
+
+def _torch_detects_bf16() -> bool:
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_bf16_warning(accelerator: str, precision: str | int | None) -> str | None:
+    """The warning for a bf16 precision run on a CPU without native bf16, else ``None``."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if not on_cpu or not str(precision).startswith("bf16") or cpu_supports_bf16():
+        return None
+    return (
+        f"trainer.precision={precision} on a CPU without native bf16 (no avx512_bf16 or amx_bf16 "
+        "flag in /proc/cpuinfo): PyTorch emulates bf16 here, so training is slower than fp32, "
+        "not faster (measure it with python benchmarks/bf16_cpu.py). Use trainer=cpu "
+        "(precision 32-true) on this machine; trainer=cpu_bf16 pays off on CPUs with AVX512-BF16 "
+        "or AMX (Intel Xeon Cooper Lake / Sapphire Rapids or later, AMD Zen 4 or later)."
+    )

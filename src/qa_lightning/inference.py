@@ -1,0 +1,475 @@
+"""Answer (question, context) pairs with a trained model: the windowing and span decoding of
+training and evaluation, ranked into the ``top_k`` answers of each question with probabilities.
+
+A question's candidates are the ``n_best`` best spans of each of its windows
+(:func:`~qa_lightning.postprocess.best_window_spans`); the same span found in overlapping windows
+is kept once with its best score; the ``n_best`` best candidates are turned into probabilities by a
+softmax over their scores (``start_logit + end_logit``), as ``utils_qa.py`` does. The best answer
+is therefore the one evaluation scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qa_lightning.config import PAIR_SPECIAL_TOKENS
+from qa_lightning.data.collate import MODEL_INPUTS, WindowCollator
+from qa_lightning.data.windowing import make_eval_windows, truncate_questions
+from qa_lightning.errors import ConfigError, QAError
+from qa_lightning.postprocess import best_window_spans
+from qa_lightning.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+#: File in an exported model directory holding the windowing and decoding it was trained with.
+SETTINGS_FILE = "qa_lightning.json"
+OUTPUT_NAMES = ("start_logits", "end_logits")
+
+
+class InputError(QAError):
+    """A question or context cannot be answered as given (e.g. it is empty)."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Windowing (as ``data.*``) and decoding (as ``model.*``) settings (reference defaults)."""
+
+    max_length: int = 384
+    stride: int = 128
+    max_question_tokens: int = 64
+    n_best: int = 20
+    max_answer_length: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "max_question_tokens", "n_best", "max_answer_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"invalid setting {name}={getattr(self, name)!r}: must be > 0.")
+        room = self.max_length - self.max_question_tokens - PAIR_SPECIAL_TOKENS
+        if not 0 <= self.stride < room:
+            raise ConfigError(
+                f"invalid setting stride={self.stride}: windows of max_length={self.max_length} "
+                f"tokens with up to max_question_tokens={self.max_question_tokens} question tokens "
+                f"leave {room} context tokens, so the stride must be in [0, {room})."
+            )
+
+    @classmethod
+    def from_dir(cls, directory: str | Path | None) -> InferenceSettings:
+        """The settings saved in ``directory``/``SETTINGS_FILE``, else the defaults."""
+        path = Path(directory) / SETTINGS_FILE if directory else None
+        if path is None or not path.is_file():
+            return cls()
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(
+                f"'{path}' is not valid JSON ({error.msg}); re-export the model."
+            ) from error
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+    def updated(self, **overrides: int | None) -> InferenceSettings:
+        """A copy with the overrides that are not ``None``."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / SETTINGS_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A span of the context: ``context[start:end] == text``; ``score`` is its probability."""
+
+    text: str
+    score: float
+    start: int
+    end: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The keys of the ``question-answering`` pipeline: answer, score, start, end."""
+        return {"answer": self.text, "score": self.score, "start": self.start, "end": self.end}
+
+
+class LogitsFn(Protocol):
+    """A model: a collated batch of windows -> ``(start_logits, end_logits)`` on the CPU."""
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class TorchLogits:
+    """An ``AutoModelForQuestionAnswering`` run with PyTorch."""
+
+    def __init__(self, model: torch.nn.Module, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
+        outputs = self.model(**inputs)
+        return outputs.start_logits.float().cpu(), outputs.end_logits.float().cpu()
+
+
+class OnnxLogits:
+    """An ONNX export (see :mod:`qa_lightning.export`) run with onnxruntime."""
+
+    def __init__(self, onnx_path: str | Path, providers: Sequence[str] | None = None) -> None:
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(
+            str(onnx_path), providers=list(providers or ["CPUExecutionProvider"])
+        )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [name for name in self.input_names if name not in batch]
+        if missing:
+            raise ConfigError(
+                f"the ONNX model needs input(s) {missing} that its tokenizer does not produce; "
+                "export the ONNX model from the same model directory as the tokenizer."
+            )
+        feeds = {name: batch[name].numpy() for name in self.input_names}
+        start_logits, end_logits = self.session.run(list(OUTPUT_NAMES), feeds)
+        return torch.from_numpy(start_logits).float(), torch.from_numpy(end_logits).float()
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def check_inputs(questions: Sequence[str], contexts: Sequence[str]) -> None:
+    """Raise :class:`InputError` for a missing, empty or whitespace-only question or context."""
+    if len(questions) != len(contexts):
+        raise InputError(f"{len(questions)} questions but {len(contexts)} contexts.")
+    for i, (question, context) in enumerate(zip(questions, contexts, strict=True)):
+        for name, value in (("question", question), ("context", context)):
+            problem = text_problem(name, value)
+            if problem:
+                where = f" (pair {i})" if len(questions) > 1 else ""
+                raise InputError(f"{problem}{where}; give a non-empty {name}.")
+
+
+def text_problem(name: str, value: Any) -> str | None:
+    """What is wrong with a question or context value, or ``None``."""
+    if value is None:
+        return f"the {name} is missing"
+    if not isinstance(value, str):
+        return f"the {name} is a {type(value).__name__}, not a string"
+    if not value.strip():
+        return f"the {name} is empty" if not value else f"the {name} is only whitespace"
+    return None
+
+
+def rank_answers(
+    context: str,
+    scores: np.ndarray,
+    start_chars: np.ndarray,
+    end_chars: np.ndarray,
+    n_best: int = 20,
+    top_k: int = 1,
+) -> list[Answer]:
+    """The ``top_k`` best of one question's window candidates, best first.
+
+    Identical spans (from overlapping windows) are merged keeping their best score; probabilities
+    are a softmax over the scores of the ``n_best`` best distinct spans. Candidates with score
+    ``-inf`` are invalid and dropped; no valid candidate gives ``[]``.
+    """
+    best: dict[tuple[int, int], float] = {}
+    for score, start, end in zip(
+        scores.tolist(), start_chars.tolist(), end_chars.tolist(), strict=True
+    ):
+        if np.isfinite(score) and score > best.get((start, end), -np.inf):
+            best[(start, end)] = score
+    ranked = sorted(best.items(), key=lambda item: -item[1])[:n_best]
+    if not ranked:
+        return []
+    values = np.array([score for _, score in ranked], dtype=np.float64)
+    probabilities = np.exp(values - values.max())
+    probabilities /= probabilities.sum()
+    return [
+        Answer(context[start:end], float(p), int(start), int(end))
+        for ((start, end), _), p in zip(ranked[:top_k], probabilities, strict=False)
+    ]
+
+
+class QuestionAnswerer:
+    """Tokenizer + model -> answers, with the windowing and decoding of training.
+
+    ``answer(questions, contexts, top_k)`` returns, per question, up to ``top_k`` answers, best
+    first. Build one with :meth:`from_model_dir` (PyTorch) or :meth:`from_onnx` (onnxruntime).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        logits_fn: LogitsFn,
+        settings: InferenceSettings | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if batch_size <= 0:
+            raise ConfigError(f"invalid batch_size={batch_size}: must be > 0.")
+        self.tokenizer = tokenizer
+        self.logits_fn = logits_fn
+        self.settings = settings or InferenceSettings()
+        self.batch_size = batch_size
+        self.collator = WindowCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | Path,
+        device: str = "auto",
+        batch_size: int = 32,
+        **settings: int | None,
+    ) -> QuestionAnswerer:
+        """A Hugging Face model directory (e.g. a training run's ``hf_model/``) run with PyTorch.
+
+        ``settings`` that are ``None`` come from the directory's ``qa_lightning.json``.
+        """
+        from qa_lightning.model import load_qa_model
+
+        model_dir = _existing_dir(model_dir, "model_dir")
+        tokenizer = load_tokenizer(str(model_dir))
+        model = load_qa_model(str(model_dir))
+        return cls(
+            tokenizer,
+            TorchLogits(model, resolve_device(device)),
+            InferenceSettings.from_dir(model_dir).updated(**settings),
+            batch_size,
+        )
+
+    @classmethod
+    def from_onnx(
+        cls,
+        onnx_path: str | Path,
+        tokenizer_dir: str | Path | None = None,
+        batch_size: int = 32,
+        **settings: int | None,
+    ) -> QuestionAnswerer:
+        """An ONNX model run with onnxruntime; tokenizer and settings from ``tokenizer_dir``,
+        by default the ONNX file's directory (where :mod:`qa_lightning.export` puts them)."""
+        onnx_path = Path(onnx_path)
+        if onnx_path.is_dir():
+            onnx_path = onnx_path / "model.onnx"
+        if not onnx_path.is_file():
+            raise ConfigError(
+                f"onnx_path='{onnx_path}' does not exist; export one with "
+                "python -m qa_lightning.export ckpt_path=... format=onnx."
+            )
+        tokenizer_dir = _existing_dir(tokenizer_dir or onnx_path.parent, "model_dir")
+        return cls(
+            load_tokenizer(str(tokenizer_dir)),
+            OnnxLogits(onnx_path),
+            InferenceSettings.from_dir(tokenizer_dir).updated(**settings),
+            batch_size,
+        )
+
+    def answer(
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[str],
+        top_k: int = 1,
+        progress: bool = False,
+    ) -> list[list[Answer]]:
+        """Up to ``top_k`` answers per question, best first (``[]`` when no span is valid)."""
+        if top_k <= 0:
+            raise ConfigError(f"invalid top_k={top_k}: must be > 0.")
+        check_inputs(questions, contexts)
+        answers: list[list[Answer]] = []
+        with tqdm(
+            total=len(questions), unit="question", desc="answering", disable=not progress
+        ) as bar:
+            for first in range(0, len(questions), self.batch_size):
+                chunk = slice(first, first + self.batch_size)
+                answers.extend(self._answer_chunk(questions[chunk], contexts[chunk], top_k))
+                bar.update(len(questions[chunk]))
+        return answers
+
+    def _answer_chunk(
+        self, questions: Sequence[str], contexts: Sequence[str], top_k: int
+    ) -> list[list[Answer]]:
+        s = self.settings
+        questions, cut = truncate_questions(self.tokenizer, questions, s.max_question_tokens)
+        if cut:
+            log.warning(
+                "%d question(s) longer than max_question_tokens=%d tokens were truncated",
+                len(cut),
+                s.max_question_tokens,
+            )
+        windows = make_eval_windows(self.tokenizer, questions, contexts, s.max_length, s.stride)
+        example_index, scores, start_chars, end_chars = [], [], [], []
+        for batch in self._batches(windows):
+            start_logits, end_logits = self.logits_fn(batch)
+            spans = best_window_spans(
+                start_logits,
+                end_logits,
+                batch["offset_mapping"],
+                s.n_best,
+                s.max_answer_length,
+                top_k=s.n_best,
+            )
+            example_index.append(batch["example_index"][:, None].expand_as(spans.scores))
+            scores.append(spans.scores)
+            start_chars.append(spans.start_chars)
+            end_chars.append(spans.end_chars)
+        index = torch.cat(example_index).flatten().numpy()
+        flat = [torch.cat(t).flatten().numpy() for t in (scores, start_chars, end_chars)]
+        order = np.argsort(index, kind="stable")  # each question's candidates, in window order
+        bounds = np.searchsorted(index[order], np.arange(len(questions) + 1))
+        return [
+            rank_answers(
+                contexts[i],
+                *(values[order[bounds[i] : bounds[i + 1]]] for values in flat),
+                n_best=s.n_best,
+                top_k=top_k,
+            )
+            for i in range(len(questions))
+        ]
+
+    def _batches(self, windows: dict[str, list]) -> Iterator[dict[str, torch.Tensor]]:
+        keys = [k for k in windows if k != "length"]
+        count = len(windows["input_ids"])
+        for first in range(0, count, self.batch_size):
+            rows = range(first, min(first + self.batch_size, count))
+            yield self.collator([{k: windows[k][i] for k in keys} for i in rows])
+
+
+# -- question files ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuestionLine:
+    """A question of a jsonl file: its 1-based line number, optional id, question and context."""
+
+    line: int
+    id: str | None
+    question: str
+    context: str
+
+
+def read_question_lines(path: str | Path) -> tuple[list[QuestionLine], list[tuple[int, str]]]:
+    """Questions of a jsonl file (one ``{"question", "context", "id"?}`` object a line) and the
+    problems of the lines that cannot be answered, as ``(line number, problem)``.
+
+    Blank lines are ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"input='{path}' does not exist (resolved to '{path.resolve()}'); give a jsonl file "
+            'with one {"question": ..., "context": ...} object a line.'
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"input='{path}' is not valid UTF-8; re-encode it as UTF-8.") from error
+    questions, problems = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append((number, f"not valid JSON ({error.msg}, column {error.colno})"))
+            continue
+        if not isinstance(record, dict):
+            problems.append((number, f"a JSON {type(record).__name__}, not an object"))
+            continue
+        problem = text_problem("question", record.get("question")) or text_problem(
+            "context", record.get("context")
+        )
+        if problem:
+            problems.append((number, problem))
+            continue
+        qid = record.get("id")
+        questions.append(
+            QuestionLine(
+                number, None if qid is None else str(qid), record["question"], record["context"]
+            )
+        )
+    return questions, problems
+
+
+def load_question_file(path: str | Path) -> tuple[list[QuestionLine], list[tuple[int, str]]]:
+    """:func:`read_question_lines`, logging each bad line; a file with no answerable line is an
+    :class:`InputError`."""
+    questions, problems = read_question_lines(path)
+    for number, problem in problems:
+        log.warning("%s line %d: %s; skipped", path, number, problem)
+    if not questions:
+        raise InputError(
+            f"input='{path}' has no line that can be answered ({len(problems)} bad line(s)); "
+            'each line must be a {"question": ..., "context": ...} object.'
+        )
+    return questions, problems
+
+
+def answer_file(
+    answerer: QuestionAnswerer,
+    input_path: str | Path,
+    output_path: str | Path,
+    top_k: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Answer a jsonl file of questions into a jsonl file (see :func:`write_answers`)."""
+    questions, problems = load_question_file(input_path)
+    return write_answers(answerer, questions, problems, output_path, top_k, progress)
+
+
+def write_answers(
+    answerer: QuestionAnswerer,
+    questions: Sequence[QuestionLine],
+    problems: Sequence[tuple[int, str]],
+    output_path: str | Path,
+    top_k: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Answer questions into a jsonl file, a line per input line: answered lines as
+    ``{"line", "id", "question", "answers": [{"answer", "score", "start", "end"}]}``, bad lines
+    as ``{"line", "error"}``. Returns a summary with the bad lines."""
+    answers = answerer.answer(
+        [q.question for q in questions], [q.context for q in questions], top_k, progress
+    )
+    rows = [
+        {
+            "line": q.line,
+            **({"id": q.id} if q.id is not None else {}),
+            "question": q.question,
+            "answers": [a.as_dict() for a in found],
+        }
+        for q, found in zip(questions, answers, strict=True)
+    ]
+    rows += [{"line": number, "error": problem} for number, problem in problems]
+    rows.sort(key=lambda row: row["line"])
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with output_path.open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {
+        "answered": len(questions),
+        "bad_lines": [{"line": n, "problem": p} for n, p in problems],
+        "output": str(output_path),
+    }
+
+
+def _existing_dir(path: str | Path, key: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(
+            f"{key}='{path}' is not a directory (resolved to '{path.resolve()}'); give a Hugging "
+            "Face model directory, such as a training run's hf_model/."
+        )
+    return path

@@ -1,0 +1,95 @@
+"""Answer questions: ``python -m qa_lightning.predict model_dir=... question=... context=...``,
+or ``input=questions.jsonl output=answers.jsonl`` (see ``conf/predict.yaml``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from qa_lightning.cli import report_errors
+from qa_lightning.config import register_resolvers
+from qa_lightning.errors import ConfigError
+from qa_lightning.inference import (
+    QuestionAnswerer,
+    check_inputs,
+    load_question_file,
+    write_answers,
+)
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+SETTING_KEYS = ("max_length", "stride", "max_question_tokens", "n_best", "max_answer_length")
+
+
+def load_answerer(cfg: DictConfig) -> QuestionAnswerer:
+    """The configured backend: ``torch`` (``model_dir``) or ``onnx`` (``onnx_path``)."""
+    settings = {key: cfg.get(key) for key in SETTING_KEYS}
+    if cfg.backend == "torch":
+        if not cfg.get("model_dir"):
+            raise ConfigError(
+                "give model_dir=PATH, a Hugging Face model directory such as a training run's "
+                "outputs/train/RUN/hf_model (or backend=onnx onnx_path=PATH)."
+            )
+        return QuestionAnswerer.from_model_dir(
+            cfg.model_dir, cfg.device, cfg.batch_size, **settings
+        )
+    if cfg.backend == "onnx":
+        if not cfg.get("onnx_path"):
+            raise ConfigError(
+                "backend=onnx needs onnx_path=PATH, written by "
+                "python -m qa_lightning.export ckpt_path=... format=onnx."
+            )
+        return QuestionAnswerer.from_onnx(
+            cfg.onnx_path, cfg.get("model_dir"), cfg.batch_size, **settings
+        )
+    raise ConfigError(f"invalid config: backend={cfg.backend!r}; use torch or onnx.")
+
+
+def predict(cfg: DictConfig) -> Any:
+    """Answer one ``question``/``context`` (printed; returns the answers as dicts) or an
+    ``input`` jsonl file (written to ``output``; returns a summary)."""
+    single = cfg.get("question") is not None or cfg.get("context") is not None
+    if single == bool(cfg.get("input")):
+        raise ConfigError(
+            "give either question=... context=... (one question), or input=FILE.jsonl "
+            '(one {"question": ..., "context": ...} object a line).'
+        )
+    if cfg.top_k <= 0:
+        raise ConfigError(f"invalid config: top_k={cfg.top_k!r}; must be > 0.")
+    if single:
+        check_inputs([cfg.question], [cfg.context])  # before loading the model
+        answers = load_answerer(cfg).answer([cfg.question], [cfg.context], cfg.top_k)[0]
+        if not answers:
+            print("no answer: no span of the context fits the model's limits")
+        for rank, answer in enumerate(answers, start=1):
+            print(f"{rank}. {json.dumps(answer.as_dict(), ensure_ascii=False)}")
+        return [answer.as_dict() for answer in answers]
+    questions, problems = load_question_file(cfg.input)
+    output = cfg.get("output") or Path(cfg.paths.output_dir) / "answers.jsonl"
+    summary = write_answers(
+        load_answerer(cfg), questions, problems, output, cfg.top_k, cfg.progress
+    )
+    bad = summary["bad_lines"]
+    skipped = (
+        f"; skipped {len(bad)} bad line(s): "
+        + ", ".join(f"line {b['line']} ({b['problem']})" for b in bad)
+        if bad
+        else ""
+    )
+    print(f"answered {summary['answered']} question(s) into {summary['output']}{skipped}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    report_errors(lambda: predict(cfg))
+
+
+if __name__ == "__main__":
+    main()

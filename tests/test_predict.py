@@ -1,0 +1,290 @@
+"""Answering questions: the predict CLI, jsonl files, long contexts, ranking, the ONNX backend.
+
+A random tiny model (no training) is enough here: the checks are about spans, ranking and files,
+not about answer quality (see test_export.py for a trained model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from qa_lightning.cli import report_errors
+from qa_lightning.config import minilm_path, resource_path
+from qa_lightning.data.loading import load_local_file
+from qa_lightning.data.windowing import make_eval_windows
+from qa_lightning.errors import ConfigError
+from qa_lightning.export import Exported, save_hf
+from qa_lightning.inference import (
+    InferenceSettings,
+    InputError,
+    QuestionAnswerer,
+    rank_answers,
+    read_question_lines,
+)
+from qa_lightning.postprocess import best_example_spans, best_window_spans
+from qa_lightning.predict import predict
+from tests.conftest import CONF_DIR, ROOT
+
+SETTINGS = InferenceSettings(max_length=128, stride=32)
+QUESTION = "Who wrote the report?"
+CONTEXT = "The report was written by the committee in 1998, after a long inquiry into the bridge."
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A random tiny model (conf/model/tiny.yaml) exported as a Hugging Face directory."""
+    from qa_lightning.model import load_qa_model
+    from qa_lightning.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    overrides = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))
+    model = load_qa_model(minilm_path(), True, overrides["config_overrides"])
+    directory = tmp_path_factory.mktemp("tiny") / "hf_model"
+    return save_hf(Exported(model.eval(), load_tokenizer(minilm_path()), SETTINGS), directory)
+
+
+@pytest.fixture(scope="module")
+def answerer(model_dir: Path) -> QuestionAnswerer:
+    return QuestionAnswerer.from_model_dir(model_dir, device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def validation():
+    return load_local_file(resource_path("demo/validation.json"))
+
+
+def run_predict(*overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "qa_lightning.predict", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def printed_answers(stdout: str) -> list[dict]:
+    """The ``N. {json}`` lines that predict prints."""
+    return [
+        json.loads(line.split(". ", 1)[1])
+        for line in stdout.splitlines()
+        if line[:1].isdigit() and ". {" in line
+    ]
+
+
+def test_cli_answers_a_question_with_its_character_span(model_dir: Path, tmp_path: Path) -> None:
+    result = run_predict(
+        f"model_dir={model_dir}",
+        f"question='{QUESTION}'",
+        f"context='{CONTEXT}'",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = printed_answers(result.stdout)
+    assert len(answers) == 1
+    answer = answers[0]
+    assert answer["answer"] and CONTEXT[answer["start"] : answer["end"]] == answer["answer"]
+    assert 0 < answer["score"] <= 1
+
+
+def test_empty_question_is_a_one_paragraph_error_with_exit_code_2(
+    compose_train, model_dir: Path, capsys
+) -> None:
+    cfg = compose_train([f"model_dir={model_dir}", "question='   '"], config_name="predict")
+    cfg.context = CONTEXT
+    with pytest.raises(SystemExit) as exit_info:
+        report_errors(lambda: predict(cfg))  # as predict's main does
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: the question is only whitespace; give a non-empty question.\n"
+    )
+
+
+def test_top_k_answers_are_sorted_probabilities(compose_train, model_dir: Path, capsys) -> None:
+    cfg = compose_train(
+        [f"model_dir={model_dir}", "top_k=3", "device=cpu", f"question={QUESTION}"],
+        config_name="predict",
+    )
+    cfg.context = CONTEXT
+    answers = predict(cfg)
+    assert len(answers) == 3
+    scores = [a["score"] for a in answers]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0 <= s <= 1 for s in scores) and sum(scores) <= 1 + 1e-9
+    assert len({(a["start"], a["end"]) for a in answers}) == 3
+    for answer in answers:
+        assert CONTEXT[answer["start"] : answer["end"]] == answer["answer"]
+    assert printed_answers(capsys.readouterr().out) == answers
+
+
+def test_jsonl_file_reports_bad_lines_and_answers_the_rest(
+    compose_train, model_dir: Path, tmp_path: Path
+) -> None:
+    lines = [
+        json.dumps({"id": "a", "question": QUESTION, "context": CONTEXT}),
+        '{"question": "When?", "context": ',  # line 2: not JSON
+        "",  # blank lines are ignored
+        json.dumps({"question": "When was it written?", "context": CONTEXT}),
+        json.dumps({"id": "e", "question": "Why?", "context": "  "}),  # line 5: empty context
+        json.dumps(["not", "an", "object"]),  # line 6
+        json.dumps({"id": 7, "question": "What was inquired into?", "context": CONTEXT}),
+    ]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out" / "answers.jsonl"
+    cfg = compose_train(
+        [f"model_dir={model_dir}", f"input={questions}", f"output={output}", "top_k=2"],
+        config_name="predict",
+    )
+    summary = predict(cfg)
+    assert summary["answered"] == 3
+    assert [b["line"] for b in summary["bad_lines"]] == [2, 5, 6]
+    assert "not valid JSON" in summary["bad_lines"][0]["problem"]
+    assert "context is only whitespace" in summary["bad_lines"][1]["problem"]
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["line"] for row in rows] == [1, 2, 4, 5, 6, 7]
+    answered = [row for row in rows if "answers" in row]
+    assert [row.get("id") for row in answered] == ["a", None, "7"]
+    for row in answered:
+        assert len(row["answers"]) == 2
+        for answer in row["answers"]:
+            assert CONTEXT[answer["start"] : answer["end"]] == answer["answer"]
+    assert {row["line"] for row in rows if "error" in row} == {2, 5, 6}
+
+
+def test_file_without_answerable_lines_is_an_error(tmp_path: Path, answerer) -> None:
+    from qa_lightning.inference import answer_file
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question": ""}\nnot json\n')
+    with pytest.raises(InputError, match="no line that can be answered"):
+        answer_file(answerer, questions, tmp_path / "answers.jsonl")
+    assert read_question_lines(questions)[1] == [
+        (1, "the question is empty"),
+        (2, "not valid JSON (Expecting value, column 1)"),
+    ]
+
+
+def test_long_context_is_windowed_like_evaluation(answerer, tokenizer, validation) -> None:
+    """A context of several windows: the best answer is evaluation's best span over windows."""
+    context = " ".join(validation["context"][:4])
+    question = validation["question"][3]
+    windows = make_eval_windows(
+        tokenizer, [question], [context], SETTINGS.max_length, SETTINGS.stride
+    )
+    assert len(windows["input_ids"]) >= 3
+    answers = answerer.answer([question], [context], top_k=5)[0]
+    assert len(answers) == 5
+    for answer in answers:
+        assert context[answer.start : answer.end] == answer.text
+    batch = answerer.collator(
+        [
+            {k: windows[k][i] for k in windows if k != "length"}
+            for i in range(len(windows["input_ids"]))
+        ]
+    )
+    start_logits, end_logits = answerer.logits_fn(batch)
+    spans = best_window_spans(start_logits, end_logits, batch["offset_mapping"])
+    score, start, end = best_example_spans(
+        np.zeros(len(spans.scores), dtype=np.int64),
+        spans.scores[:, 0].numpy(),
+        spans.start_chars[:, 0].numpy(),
+        spans.end_chars[:, 0].numpy(),
+        1,
+    )
+    assert (answers[0].start, answers[0].end) == (start[0], end[0])
+
+
+def test_answers_do_not_depend_on_batching(model_dir: Path, validation) -> None:
+    questions, contexts = validation["question"][:10], validation["context"][:10]
+    one = QuestionAnswerer.from_model_dir(model_dir, device="cpu", batch_size=1)
+    many = QuestionAnswerer.from_model_dir(model_dir, device="cpu", batch_size=7)
+    for a, b in zip(
+        one.answer(questions, contexts, 3), many.answer(questions, contexts, 3), strict=True
+    ):
+        assert [(x.start, x.end) for x in a] == [(x.start, x.end) for x in b]
+        assert [x.score for x in a] == pytest.approx([x.score for x in b], abs=1e-5)
+
+
+def test_rank_answers_merges_spans_of_overlapping_windows() -> None:
+    context = "abcdefghij"
+    # two windows' candidates; span (2, 5) is found by both
+    scores = np.array([3.0, 1.0, -np.inf, 2.5, 2.0, 0.5])
+    starts = np.array([2, 0, 0, 2, 6, 1])
+    ends = np.array([5, 4, 0, 5, 9, 3])
+    answers = rank_answers(context, scores, starts, ends, n_best=20, top_k=10)
+    assert [(a.start, a.end) for a in answers] == [(2, 5), (6, 9), (0, 4), (1, 3)]
+    assert [a.text for a in answers] == ["cde", "ghi", "abcd", "bc"]
+    expected = np.exp([3.0, 2.0, 1.0, 0.5]) / np.exp([3.0, 2.0, 1.0, 0.5]).sum()
+    assert [a.score for a in answers] == pytest.approx(expected)
+    # the softmax is over the n_best best spans only
+    top2 = rank_answers(context, scores, starts, ends, n_best=2, top_k=10)
+    assert [a.score for a in top2] == pytest.approx(np.exp([0.0, -1.0]) / np.exp([0, -1.0]).sum())
+    assert rank_answers(context, np.array([-np.inf]), np.array([0]), np.array([0])) == []
+
+
+def test_empty_inputs_are_clear_errors(answerer) -> None:
+    with pytest.raises(InputError, match="the context is empty"):
+        answerer.answer([QUESTION], [""])
+    with pytest.raises(InputError, match=r"the question is only whitespace \(pair 1\)"):
+        answerer.answer([QUESTION, "\t "], [CONTEXT, CONTEXT])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "give either question=... context=..."),
+        (["question=Who?", "context=Me."], "give model_dir=PATH"),
+        (["question=Who?", "context=Me.", "input=x.jsonl"], "give either"),
+        (["input=/nonexistent.jsonl"], "input='/nonexistent.jsonl' does not exist"),
+        (["question=Who?"], None),
+        (["question=Who?", "context=Me.", "backend=onnx"], "backend=onnx needs onnx_path"),
+        (
+            ["question=Who?", "context=Me.", "model_dir=/nonexistent"],
+            "model_dir='/nonexistent' is not a",
+        ),
+        (["question=Who?", "context=Me.", "backend=tf"], "backend='tf'"),
+        (["question=Who?", "context=Me.", "top_k=0"], "top_k=0"),
+        (
+            ["question=Who?", "context=Me.", "stride=100", "model_dir=MODEL"],
+            "invalid setting stride=100",
+        ),
+    ],
+)
+def test_config_errors_name_the_key(compose_train, model_dir, overrides, message) -> None:
+    overrides = [o.replace("MODEL", str(model_dir)) for o in overrides]
+    cfg = compose_train(overrides, config_name="predict")
+    if message is None:  # a question without its context: an input error, also before loading
+        with pytest.raises(InputError, match="the context is missing; give a non-empty context"):
+            predict(cfg)
+        return
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        predict(cfg)
+
+
+def test_onnx_backend_gives_the_torch_answers(model_dir: Path, tmp_path: Path, validation) -> None:
+    pytest.importorskip("onnxruntime")
+    from qa_lightning.export import export_onnx, load_model_dir, onnx_max_abs_diff
+
+    exported = load_model_dir(model_dir)
+    onnx_path = export_onnx(exported, tmp_path / "onnx_model")
+    assert onnx_max_abs_diff(exported, onnx_path) < 1e-4
+    questions, contexts = validation["question"], validation["context"]
+    torch_answers = QuestionAnswerer.from_model_dir(model_dir, device="cpu").answer(
+        questions, contexts, 3
+    )
+    onnx_answers = QuestionAnswerer.from_onnx(onnx_path).answer(questions, contexts, 3)
+    for t, o in zip(torch_answers, onnx_answers, strict=True):
+        assert [(a.text, a.start, a.end) for a in t] == [(a.text, a.start, a.end) for a in o]
+        assert [a.score for a in t] == pytest.approx([a.score for a in o], abs=1e-5)
