@@ -31,7 +31,7 @@ from qa_lightning.data import SquadDataModule
 from qa_lightning.data.windowing import NO_OFFSET
 from qa_lightning.metrics import squad_v1_scores
 from qa_lightning.model import QAModule
-from qa_lightning.postprocess import best_window_spans, example_answers
+from qa_lightning.postprocess import best_window_spans, example_answers, window_rows
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 N_BEST, MAX_ANSWER_LENGTH = 20, 30
@@ -70,14 +70,8 @@ def project_evaluate(trainer: L.Trainer, module: QAModule, datamodule: SquadData
 def project_postprocess(examples, index, start_logits, end_logits, offsets) -> dict[str, str]:
     """``QAModule``'s post-processing (``validation_step`` + ``on_validation_epoch_end``)."""
     spans = best_window_spans(start_logits, end_logits, offsets, N_BEST, MAX_ANSWER_LENGTH)
-    return example_answers(
-        index,
-        spans.scores[:, 0].double().numpy(),
-        spans.start_chars[:, 0].numpy(),
-        spans.end_chars[:, 0].numpy(),
-        examples["id"][:],
-        examples["context"][:],
-    )
+    rows = window_rows(torch.as_tensor(index), spans).numpy()
+    return example_answers(rows, examples["id"][:], examples["context"][:]).predictions()
 
 
 def project_inputs(examples, features) -> tuple[np.ndarray, torch.Tensor]:

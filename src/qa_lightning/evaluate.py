@@ -22,7 +22,6 @@ from qa_lightning.cli import report_errors
 from qa_lightning.config import register_resolvers, validate_data_config
 from qa_lightning.errors import ConfigError
 from qa_lightning.export import checkpoint_model_config, read_checkpoint
-from qa_lightning.metrics import squad_v1_scores
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -116,11 +115,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     wall_time = time.perf_counter() - start
 
     examples = datamodule.val_examples
-    references = {
-        qid: a["text"] for qid, a in zip(examples["id"], examples["answers"], strict=True)
-    }
     # the module's own scoring of the epoch's predictions (it logs them as float32 val/em, val/f1)
-    scores = squad_v1_scores(model.last_predictions, references)
+    scores = model.last_scores
     metrics = {
         **scores,
         "questions": len(examples),

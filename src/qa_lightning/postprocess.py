@@ -67,6 +67,13 @@ def best_window_spans(
     )
 
 
+def window_rows(example_index: torch.Tensor, spans: WindowSpans) -> torch.Tensor:
+    """One float64 row per window (example index, best score, start, end, null score): the
+    input of :func:`example_answers`, in a form that gathers across DDP ranks."""
+    columns = (example_index, spans.scores[:, 0], spans.start_chars[:, 0], spans.end_chars[:, 0])
+    return torch.stack([c.double() for c in (*columns, spans.null_scores)], dim=1)
+
+
 def best_example_spans(
     example_index: np.ndarray,
     scores: np.ndarray,
@@ -106,14 +113,36 @@ def answer_texts(contexts: list[str], start_chars: np.ndarray, end_chars: np.nda
     return [c[int(s) : int(e)] for c, s, e in zip(contexts, start_chars, end_chars, strict=True)]
 
 
-def example_answers(
-    example_index: np.ndarray,
-    scores: np.ndarray,
-    start_chars: np.ndarray,
-    end_chars: np.ndarray,
-    ids: list[str],
-    contexts: list[str],
-) -> dict[str, str]:
-    """``{id: answer}`` from the best span of each window (``ids``/``contexts`` by example)."""
-    _, starts, ends = best_example_spans(example_index, scores, start_chars, end_chars, len(ids))
-    return dict(zip(ids, answer_texts(contexts, starts, ends), strict=True))
+@dataclass
+class ExampleAnswers:
+    """Each example's best span text, and its "no answer" score (null score - best span score,
+    ``inf`` when it has no valid span)."""
+
+    answers: dict[str, str]
+    null_diffs: dict[str, float]
+
+    def predictions(self, null_score_diff_threshold: float | None = None) -> dict[str, str]:
+        """``{id: answer}``; with a threshold (v2), ``""`` where the null score wins by more."""
+        if null_score_diff_threshold is None:
+            return dict(self.answers)
+        return {
+            qid: "" if self.null_diffs[qid] > null_score_diff_threshold else text
+            for qid, text in self.answers.items()
+        }
+
+
+def example_answers(window_rows: np.ndarray, ids: list[str], contexts: list[str]) -> ExampleAnswers:
+    """Reduce windows to examples.
+
+    ``window_rows`` has one row per window (any order, repeats allowed): example index, best span
+    score, its start and end characters, and the window's null score.
+    """
+    index = window_rows[:, 0].astype(np.int64)
+    scores, starts, ends = best_example_spans(
+        index, window_rows[:, 1], window_rows[:, 2], window_rows[:, 3], len(ids)
+    )
+    null_diffs = example_null_scores(index, window_rows[:, 4], len(ids)) - scores
+    return ExampleAnswers(
+        answers=dict(zip(ids, answer_texts(contexts, starts, ends), strict=True)),
+        null_diffs=dict(zip(ids, null_diffs.tolist(), strict=True)),
+    )

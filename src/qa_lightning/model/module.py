@@ -6,19 +6,26 @@ import logging
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from transformers import AutoConfig, AutoModelForQuestionAnswering, get_scheduler
 
 from qa_lightning.errors import ConfigError
-from qa_lightning.metrics import squad_v1_scores
-from qa_lightning.postprocess import best_window_spans, example_answers
+from qa_lightning.metrics import squad_v1_scores, squad_v2_scores
+from qa_lightning.postprocess import best_window_spans, example_answers, window_rows
 from qa_lightning.tokenizer import OFFLINE_HINT
 
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+V2_LOGGED = (
+    "HasAns_f1",
+    "NoAns_f1",
+    "best_f1",
+    "best_f1_thresh",
+    "best_exact",
+    "best_exact_thresh",
+)
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
 
 
@@ -63,6 +70,8 @@ class QAModule(L.LightningModule):
         compile: bool = False,
         n_best: int = 20,
         max_answer_length: int = 30,
+        version_2_with_negative: bool = False,
+        null_score_diff_threshold: float = 0.0,
     ) -> None:
         super().__init__()
         config_overrides = _plain(config_overrides)  # saved as a plain dict in checkpoints
@@ -75,6 +84,7 @@ class QAModule(L.LightningModule):
         self.best: dict[str, float] = {"f1": -1.0, "em": -1.0, "epoch": -1}
         self.best_predictions: dict[str, str] = {}
         self.last_predictions: dict[str, str] = {}
+        self.last_scores: dict[str, float] = {}
         self._val_spans: list[torch.Tensor] = []
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
@@ -101,23 +111,13 @@ class QAModule(L.LightningModule):
             self.hparams.n_best,
             self.hparams.max_answer_length,
         )
-        self._val_spans.append(
-            torch.stack(
-                [
-                    batch["example_index"].double(),
-                    spans.scores[:, 0].double(),
-                    spans.start_chars[:, 0].double(),
-                    spans.end_chars[:, 0].double(),
-                ],
-                dim=1,
-            )
-        )
+        self._val_spans.append(window_rows(batch["example_index"], spans))
 
     def on_validation_epoch_start(self) -> None:
         self._val_spans.clear()
 
     def on_validation_epoch_end(self) -> None:
-        local = torch.cat(self._val_spans) if self._val_spans else torch.zeros(0, 4)
+        local = torch.cat(self._val_spans) if self._val_spans else torch.zeros(0, 5)
         self._val_spans.clear()
         spans = self._gather_rows(local.to(self.device)).cpu().numpy()
         if self.trainer.sanity_checking:
@@ -125,23 +125,26 @@ class QAModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         examples = datamodule.val_examples
         ids = examples["id"][:]  # [:] decodes whole columns (row by row is ~30x slower)
-        predictions = example_answers(
-            spans[:, 0].astype(np.int64),
-            spans[:, 1],
-            spans[:, 2],
-            spans[:, 3],
-            ids,
-            examples["context"][:],
-        )
+        answers = example_answers(spans, ids, examples["context"][:])
         references = {qid: a["text"] for qid, a in zip(ids, examples["answers"][:], strict=True)}
-        scores = squad_v1_scores(predictions, references)
-        self.last_predictions = predictions
+        if self.hparams.version_2_with_negative:
+            threshold = self.hparams.null_score_diff_threshold
+            predictions = answers.predictions(threshold)
+            v2 = squad_v2_scores(answers.answers, answers.null_diffs, references, threshold)
+            scores = {"em": v2["exact"], "f1": v2["f1"], **v2}
+        else:
+            predictions = answers.predictions()
+            scores = squad_v1_scores(predictions, references)
+        self.last_predictions, self.last_scores = predictions, scores
         fitting = self.trainer.state.fn == TrainerFn.FITTING
         if fitting and scores["f1"] > self.best["f1"]:
             self.best = {**scores, "epoch": self.current_epoch}
             self.best_predictions = predictions
         self.log("val/em", scores["em"], prog_bar=True)
         self.log("val/f1", scores["f1"], prog_bar=True)
+        for key in V2_LOGGED:
+            if key in scores:
+                self.log(f"val/{key}", scores[key])
         if self.best["epoch"] >= 0:
             self.log("val/f1_best", self.best["f1"])
 
