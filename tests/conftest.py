@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,3 +71,18 @@ def shared_squad() -> Path:
     if not (SHARED_SQUAD / "train.json").is_file():
         pytest.skip("shared SQuAD files not present")
     return SHARED_SQUAD
+
+
+def run_cli(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root, offline."""
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+    if "HYDRA_FULL_ERROR" not in env:
+        environ.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

@@ -4,10 +4,7 @@ exported model with predict, training and (transformers 4) the question-answerin
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,22 +16,10 @@ from qa_lightning.data.loading import load_local_file
 from qa_lightning.errors import ConfigError
 from qa_lightning.export import export, read_checkpoint
 from qa_lightning.inference import InferenceSettings, QuestionAnswerer
-from tests.conftest import ROOT, TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, run_cli
 
 #: Two epochs, so that the tiny model's logits are not those of its random initialisation.
 EPOCHS = 2
-
-
-def run_cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", module, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from qa_lightning.checkpointing import AtomicCheckpointIO, ResumableDataLoader, resumable
+from qa_lightning.checkpointing import AtomicCheckpointIO, ResumableDataLoader
 from qa_lightning.data.sampling import LengthGroupedSampler
 from tests.conftest import ROOT, TINY_OVERRIDES
 
@@ -142,8 +141,7 @@ def test_atomic_checkpoint_io_keeps_the_previous_file_when_saving_fails(tmp_path
 def test_resumable_loader_skips_the_batches_already_trained_on() -> None:
     lengths = [5, 9, 3, 7, 8, 2, 6, 4, 1, 10, 11]
     sampler = LengthGroupedSampler(lengths, batch_size=2, seed=3)
-    loader = resumable(DataLoader(list(range(len(lengths))), batch_size=2, sampler=sampler))
-    assert isinstance(loader, ResumableDataLoader)
+    loader = ResumableDataLoader(list(range(len(lengths))), batch_size=2, sampler=sampler)
     sampler.set_epoch(1)
     full = [batch.tolist() for batch in loader]
     batches = iter(loader)
@@ -151,7 +149,7 @@ def test_resumable_loader_skips_the_batches_already_trained_on() -> None:
     state = loader.state_dict()
     assert state == {"batches_yielded": 2}
 
-    again = resumable(DataLoader(list(range(len(lengths))), batch_size=2, sampler=sampler))
+    again = ResumableDataLoader(list(range(len(lengths))), batch_size=2, sampler=sampler)
     again.load_state_dict(state)
     sampler.set_epoch(0)
     rest = iter(again)  # as in Lightning, the iterator is made before set_epoch is called

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,21 +14,9 @@ from qa_lightning.config import resource_path
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.metrics import squad_v1_scores
 from qa_lightning.train import train
-from tests.conftest import ROOT, TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, run_cli
 
 EPOCHS = 2
-
-
-def run_cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", module, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

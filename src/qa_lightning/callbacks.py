@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.checkpointing import ResumableDataLoader, resumable
+from qa_lightning.checkpointing import ResumableDataLoader
 
 
 class ExactResume(Callback):
@@ -21,25 +21,19 @@ class ExactResume(Callback):
     what it leaves out:
 
     - the global RNG states (dropout), saved with every checkpoint, restored when training starts;
-    - the position in the epoch: the datamodule's train loader becomes a
+    - the position in the epoch: the datamodule's train loader is a
       :class:`~qa_lightning.checkpointing.ResumableDataLoader`, whose state is saved here and
       loaded when Lightning restarts mid-epoch. Lightning 2.6 loads a stateful loader's state
       only if the loader is created after the checkpoint is restored, which
       ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` prevents.
     """
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
+    def __init__(self) -> None:
         self._trainer: L.Trainer | None = None
         self._loaded: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
-        datamodule = trainer.datamodule
-        if stage != "fit" or datamodule is None:
-            return
-        train_dataloader = datamodule.train_dataloader
-        datamodule.train_dataloader = lambda: resumable(train_dataloader(), self.seed)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -1,15 +1,17 @@
 """Checkpoints that survive crashes and pre-emption, and resume training exactly.
 
-- :class:`AtomicCheckpointIO` (``trainer.plugins``): a crash while saving keeps the previous file.
+- :class:`AtomicCheckpointIO` (``trainer.plugins``): a crash while saving keeps the previous file;
+  a full disk is a :class:`~qa_lightning.errors.ResourceError` saying so.
 - :class:`LastCheckpoint` (``callbacks.last_checkpoint``): ``last.ckpt`` every N steps, at every
   epoch end, and when training stops on an exception or signal (SIGTERM: Lightning stops after
-  the current batch and calls ``on_exception``).
+  the current batch and calls ``on_exception``), except a non-finite loss or a full disk.
 - :class:`ResumableDataLoader`: the train loader Lightning can resume in the middle of an epoch.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
+from qa_lightning.cli import is_disk_full
+from qa_lightning.errors import ResourceError
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to ``<name>.part`` beside it, syncs it to disk, then ``os.replace``\\ s.
@@ -29,6 +34,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own save goes through a temporary file under ``/tmp`` and ``shutil.move``, which
     copies (non-atomically) when ``/tmp`` and the run dir are on different file systems, as on
     most clusters. Remote paths (``s3://`` ...) keep Lightning's behaviour.
+
+    A full disk (``ENOSPC``, ``EDQUOT``) raises a :class:`ResourceError` that says which
+    checkpoint was kept and how to make room.
     """
 
     def save_checkpoint(
@@ -46,14 +54,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(partial, path)
+        except Exception as error:
+            if is_disk_full(error):
+                raise disk_full_error(path, error) from error
+            raise
         finally:
             partial.unlink(missing_ok=True)
+
+
+def disk_full_error(path: Path, error: BaseException) -> ResourceError:
+    """What was kept and how to make room, when saving checkpoint ``path`` found the disk full."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    kept = (
+        f"the previous '{path.name}' is kept intact"
+        if path.is_file()
+        else f"no earlier '{path.name}' existed, other checkpoints are untouched"
+    )
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return ResourceError(
+        f"no space left on the disk of '{path.parent}' ({free}) while saving checkpoint "
+        f"'{path}' ({type(error).__name__}: {error}); {kept}. Free disk space, or run on a disk "
+        "with room (hydra.run.dir=DIR), keep fewer checkpoints "
+        "(callbacks.model_checkpoint.save_top_k=1) or save last.ckpt less often "
+        "(callbacks.last_checkpoint.every_n_train_steps=N); then continue with resume=true "
+        f"hydra.run.dir={run_dir}."
+    )
 
 
 class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt``: every ``every_n_train_steps`` optimizer steps, at the end of every epoch and
     when training stops on an exception or SIGTERM (pre-emption), so that ``resume=true`` loses
     at most one interval.
+
+    Not when the exception is a non-finite loss (``FloatingPointError``: the weights have
+    diverged and would replace the last good ``last.ckpt``) or a full disk (the save would fail
+    again).
 
     Never during validation, nor after the last batch of an epoch before the epoch ends: resumed
     from there, Lightning would score a partial epoch, or skip the epoch's validation.
@@ -95,6 +133,8 @@ class LastCheckpoint(ModelCheckpoint):
     ) -> None:
         if (
             self.save_last_on_exception
+            and not isinstance(exception, FloatingPointError)
+            and not is_disk_full(exception)
             and trainer.state.fn == TrainerFn.FITTING
             and not trainer.fast_dev_run
             and not trainer.validating  # also excludes the sanity check
@@ -139,33 +179,3 @@ class ResumableDataLoader(DataLoader):
         for batch in batches:
             self._batches_yielded += 1
             yield batch
-
-
-def resumable(loader: DataLoader, seed: int = 0) -> DataLoader:
-    """``loader`` as a :class:`ResumableDataLoader` (same dataset, sampler, collate function and
-    workers); returned unchanged when it already has ``state_dict``/``load_state_dict``."""
-    if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict"):
-        return loader
-    batching: dict[str, Any] = (
-        {"batch_sampler": loader.batch_sampler}
-        if loader.batch_size is None
-        else {
-            "batch_size": loader.batch_size,
-            "sampler": loader.sampler,
-            "drop_last": loader.drop_last,
-        }
-    )
-    return ResumableDataLoader(
-        loader.dataset,
-        **batching,
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator or torch.Generator().manual_seed(seed),
-        prefetch_factor=loader.prefetch_factor,
-        persistent_workers=loader.persistent_workers,
-        pin_memory_device=loader.pin_memory_device,
-    )

@@ -2,28 +2,117 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-from qa_lightning.errors import QAError
+from qa_lightning.errors import QAError, ResourceError
 
 T = TypeVar("T")
 log = logging.getLogger("qa_lightning")
 
+#: Causes of a failed ``hydra.utils.instantiate`` that come from the config (a key the target
+#: does not take, a value it rejects, a ``_target_`` that does not exist), not from a bug.
+CONFIG_CAUSES: tuple[type[BaseException], ...] = (TypeError, ValueError, ImportError)
+
 
 def report_errors(task: Callable[[], T]) -> T:
-    """Run ``task``; on a :class:`QAError` print its message and exit with status 2.
+    """Run ``task``; on bad input print a one-paragraph message and exit with status 2.
 
-    ``HYDRA_FULL_ERROR=1`` lets the full traceback through instead.
+    Bad input is a :class:`QAError`, a config that OmegaConf cannot resolve, or a config that
+    Hydra cannot instantiate (see :func:`user_error`). Anything else is a bug and keeps its
+    traceback. ``HYDRA_FULL_ERROR=1`` lets the full traceback through in every case.
     """
     try:
         return task()
-    except QAError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as error:
+        message = user_error(error)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
+        log.error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error(error: BaseException) -> str | None:
+    """The one-paragraph message for an error caused by the user's input, else ``None``."""
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, QAError):
+        return one_paragraph(str(error))
+    cause = error.__cause__
+    if isinstance(error, InstantiationException | OmegaConfBaseException) and isinstance(
+        cause, QAError
+    ):
+        return one_paragraph(str(cause))  # raised by a target's __init__ or by a resolver
+    if isinstance(error, InstantiationException) and (
+        cause is None or isinstance(cause, CONFIG_CAUSES) or _is_misconfiguration(cause)
+    ):
+        found = re.search(r"full_key: (\S+)", str(error))
+        key = found.group(1) if found else "the config"
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
+        detail = detail.strip().rstrip(".")
+        return one_paragraph(
+            f"invalid config under {key}: {detail}. Fix or remove the offending {key}.* "
+            "override; add --cfg job to the command to print the composed config."
+        )
+    if isinstance(error, OmegaConfBaseException):
+        return one_paragraph(
+            f"invalid config: {str(error).strip().rstrip('.')}. Fix the value named by full_key; "
+            "add --cfg job to the command to print the composed config."
+        )
+    return None
+
+
+def _is_misconfiguration(error: BaseException) -> bool:
+    """Lightning's ``MisconfigurationException`` (e.g. ``trainer.accelerator=gpu`` on a CPU)."""
+    return type(error).__name__ == "MisconfigurationException"
+
+
+def one_paragraph(text: str) -> str:
+    """``text`` on one line: line breaks and runs of white space become single spaces."""
+    return " ".join(text.split())
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """GPU or CPU memory exhausted (``torch.OutOfMemoryError``, ``MemoryError``, or a
+    ``RuntimeError`` saying so, as the CPU allocator and some CUDA libraries raise)."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text
+        for marker in ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED")
+    )
+
+
+def out_of_memory_error(
+    error: BaseException, doing: str, settings: Mapping[str, Any], advice: str, note: str = ""
+) -> ResourceError:
+    """A :class:`ResourceError` for ``error`` (see :func:`is_out_of_memory`) naming the settings
+    that decide how much memory ``doing`` takes, with their current values, and ``advice``."""
+    first = str(error).strip().splitlines()
+    current = ", ".join(f"{key}={value}" for key, value in settings.items())
+    return ResourceError(
+        f"out of memory while {doing} ({type(error).__name__}: {first[0] if first else ''}). "
+        f"These settings decide the memory needed: {current}; {advice}"
+        + (f" {note}" if note else "")
+    )
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """``error``, or an exception it was raised from, says the disk (or quota) is full."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

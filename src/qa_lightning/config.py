@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -52,6 +54,27 @@ def _check(condition: bool, key: str, value: object, fix: str) -> None:
         raise ConfigError(f"invalid config: {key}={value!r}; {fix}")
 
 
+def _number(
+    node: DictConfig, name: str, prefix: str, integer: bool, example: str, required: bool = False
+) -> Any:
+    """``node[name]``, checked to be an integer (``integer``) or a finite number, or ``None``
+    where that is allowed (not ``required``)."""
+    value = node.get(name)
+    if value is None:
+        _check(not required, f"{prefix}.{name}", value, f"set it (e.g. {prefix}.{name}={example}).")
+        return None
+    kind = "an integer" if integer else "a number"
+    allowed = (int,) if integer else (int, float)
+    _check(
+        isinstance(value, allowed) and not isinstance(value, bool),
+        f"{prefix}.{name}",
+        value,
+        f"must be {kind} (e.g. {prefix}.{name}={example}).",
+    )
+    _check(math.isfinite(value), f"{prefix}.{name}", value, f"must be finite (e.g. {example}).")
+    return value
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Fail fast, naming the key and the fix, before data are tokenised or a model is loaded."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -61,22 +84,61 @@ def validate_train_config(cfg: DictConfig) -> None:
             + " ".join(f"{k}=..." for k in missing)
         )
     validate_data_config(cfg.data)
-    model = cfg.model
-    _check(model.lr > 0, "model.lr", model.lr, "the learning rate must be > 0 (e.g. 2e-5).")
-    _check(model.weight_decay >= 0, "model.weight_decay", model.weight_decay, "must be >= 0.")
-    _check(0 <= model.warmup_ratio < 1, "model.warmup_ratio", model.warmup_ratio, "use [0, 1).")
-    _check(model.n_best > 0, "model.n_best", model.n_best, "must be > 0 (reference: 20).")
-    _check(
-        model.max_answer_length > 0,
-        "model.max_answer_length",
-        model.max_answer_length,
-        "must be > 0 (reference: 30).",
-    )
-    epochs = cfg.trainer.get("max_epochs")
+    validate_model_config(cfg.model)
+    trainer = cfg.trainer
+    epochs = _number(trainer, "max_epochs", "trainer", True, "3")
     _check(epochs is None or epochs > 0, "trainer.max_epochs", epochs, "must be > 0.")
+    accumulate = _number(trainer, "accumulate_grad_batches", "trainer", True, "2")
+    _check(
+        accumulate is None or accumulate > 0,
+        "trainer.accumulate_grad_batches",
+        accumulate,
+        "must be > 0 (1: no accumulation).",
+    )
+
+
+def validate_model_config(model: DictConfig) -> None:
+    """The optimisation and decoding values of ``model`` (training checks them all, evaluation
+    the decoding ones)."""
+    lr = _number(model, "lr", "model", False, "2e-5")
+    _check(lr is not None and lr > 0, "model.lr", lr, "the learning rate must be > 0 (e.g. 2e-5).")
+    decay = _number(model, "weight_decay", "model", False, "0.01")
+    _check(decay is None or decay >= 0, "model.weight_decay", decay, "must be >= 0.")
+    warmup = _number(model, "warmup_ratio", "model", False, "0.1")
+    _check(warmup is None or 0 <= warmup < 1, "model.warmup_ratio", warmup, "use [0, 1).")
+    eps = _number(model, "adam_epsilon", "model", False, "1e-8")
+    _check(eps is None or eps > 0, "model.adam_epsilon", eps, "must be > 0 (e.g. 1e-8).")
+    validate_decoding_config(model)
+
+
+def validate_decoding_config(model: DictConfig) -> None:
+    """``model.n_best`` and ``model.max_answer_length``."""
+    for name, reference in (("n_best", 20), ("max_answer_length", 30)):
+        value = _number(model, name, "model", True, str(reference))
+        _check(
+            value is not None and value > 0,
+            f"model.{name}",
+            value,
+            f"must be > 0 (reference: {reference}).",
+        )
 
 
 def validate_data_config(data: DictConfig) -> None:
+    """Types and ranges of ``data``'s sizes, windowing that the tokenizer can do, and files."""
+    required = ("max_length", "stride", "max_question_tokens", "batch_size", "eval_batch_size")
+    for name, example in (
+        ("max_length", "384"),
+        ("stride", "128"),
+        ("max_question_tokens", "64"),
+        ("batch_size", "8"),
+        ("eval_batch_size", "32"),
+        ("train_samples", "2000"),
+        ("validation_samples", "1000"),
+        ("num_workers", "2"),
+        ("pad_to_multiple_of", "8"),
+    ):
+        if name in data or name in required:
+            _number(data, name, "data", True, example, required=name in required)
     _check(data.max_length > 0, "data.max_length", data.max_length, "must be > 0 (e.g. 384).")
     _check(data.stride >= 0, "data.stride", data.stride, "must be >= 0 (e.g. 128).")
     _check(
@@ -93,6 +155,14 @@ def validate_data_config(data: DictConfig) -> None:
     )
     room = data.max_length - data.max_question_tokens - PAIR_SPECIAL_TOKENS
     _check(
+        room > 0,
+        "data.max_question_tokens",
+        data.max_question_tokens,
+        f"windows of data.max_length={data.max_length} tokens would have no room for the "
+        f"context after {data.max_question_tokens} question tokens and {PAIR_SPECIAL_TOKENS} "
+        "special tokens: lower data.max_question_tokens (e.g. 64) or raise data.max_length.",
+    )
+    _check(
         data.stride < room,
         "data.stride",
         data.stride,
@@ -106,6 +176,15 @@ def validate_data_config(data: DictConfig) -> None:
     for key in ("train_samples", "validation_samples"):
         value = data.get(key)
         _check(value is None or value > 0, f"data.{key}", value, "must be > 0, or null for all.")
+    workers = data.get("num_workers")
+    _check(workers is None or workers >= 0, "data.num_workers", workers, "must be >= 0.")
+    multiple = data.get("pad_to_multiple_of")
+    _check(
+        multiple is None or multiple > 0,
+        "data.pad_to_multiple_of",
+        multiple,
+        "must be > 0 (e.g. 8), or null.",
+    )
     _check(
         data.on_bad_record in ("error", "skip"),
         "data.on_bad_record",
@@ -119,8 +198,26 @@ def validate_data_config(data: DictConfig) -> None:
                 f"no data for data.{key.removesuffix('_file')}: set data.{key}=PATH (SQuAD json, "
                 "jsonl or parquet), or data.dataset_name=squad to load it from the hub."
             )
-        if path and not Path(path).is_file():
+        if path and not Path(path).exists():
             raise ConfigError(
                 f"data.{key}='{path}' does not exist (resolved to '{Path(path).resolve()}'); "
                 "relative paths are relative to the directory you run from."
             )
+        if path and not Path(path).is_file():
+            raise ConfigError(
+                f"data.{key}='{path}' is a directory, not a file; give the SQuAD json, jsonl "
+                "or parquet file in it."
+            )
+
+
+def validate_max_length(max_length: int, tokenizer: Any, key: str = "data.max_length") -> None:
+    """``max_length`` fits the model's position embeddings (the tokenizer's ``model_max_length``;
+    a longer window would fail with an index error in the middle of training)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:  # transformers' "unknown" is ~1e30
+        _check(
+            max_length <= limit,
+            key,
+            max_length,
+            f"the model takes at most {limit} tokens; use {key}={limit} or less (e.g. 384).",
+        )

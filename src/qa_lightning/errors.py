@@ -1,4 +1,8 @@
-"""Errors that entry points report as a one-paragraph message instead of a traceback."""
+"""Errors that entry points report as a one-paragraph message instead of a traceback.
+
+Every message names what is wrong (a config key, file, record id, line or value) and the fix;
+:func:`qa_lightning.cli.report_errors` prints it and exits with status 2.
+"""
 
 
 class QAError(Exception):
@@ -11,3 +15,19 @@ class ConfigError(QAError):
 
 class DataError(QAError):
     """A data file or record is invalid."""
+
+
+class InputError(QAError):
+    """A question or context cannot be answered as given (e.g. it is empty)."""
+
+
+class ExportError(QAError):
+    """An export could not be written or does not reproduce the PyTorch model."""
+
+
+class TrainingError(QAError):
+    """Training cannot go on as configured (e.g. the loss became non-finite)."""
+
+
+class ResourceError(QAError):
+    """The machine ran out of memory or disk space; the message names the settings to change."""

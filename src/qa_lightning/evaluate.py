@@ -18,10 +18,16 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qa_lightning.cli import report_errors
-from qa_lightning.config import register_resolvers, validate_data_config
+from qa_lightning.cli import is_out_of_memory, out_of_memory_error, report_errors
+from qa_lightning.config import (
+    register_resolvers,
+    validate_data_config,
+    validate_decoding_config,
+    validate_max_length,
+)
 from qa_lightning.errors import ConfigError
 from qa_lightning.export import checkpoint_model_config, read_checkpoint
+from qa_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -81,9 +87,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     with open_dict(data):
         data.train_file, data.train_samples = data.validation_file, None
     validate_data_config(data)
-    for key in ("n_best", "max_answer_length"):
-        if cfg.model[key] <= 0:
-            raise ConfigError(f"invalid config: model.{key}={cfg.model[key]!r}; must be > 0.")
+    validate_decoding_config(cfg.model)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -91,27 +95,44 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run dir. Returns the metrics written."""
     source = configure_model_source(cfg)
     validate_eval_config(cfg)
+    validate_max_length(cfg.data.max_length, load_tokenizer(cfg.data.tokenizer_name_or_path))
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
+    # trainer first: its config errors (precision, accelerator ...) surface before any work
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_model_summary=False)
     datamodule = instantiate(cfg.data)
     datamodule.setup("validate")  # data errors surface before the model is loaded
     model = instantiate(cfg.model)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_model_summary=False)
     start = time.perf_counter()
     with warnings.catch_warnings():
         # validation needs the training callbacks' states no more than the optimizer's
         warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
-        # our own checkpoints hold OmegaConf hyperparameters: not loadable with weights_only=True
-        trainer.validate(
-            model,
-            datamodule=datamodule,
-            ckpt_path=cfg.get("ckpt_path"),
-            weights_only=False,
-            verbose=False,
-        )
+        try:
+            # our own checkpoints hold OmegaConf hyperparameters: not weights_only-loadable
+            trainer.validate(
+                model,
+                datamodule=datamodule,
+                ckpt_path=cfg.get("ckpt_path"),
+                weights_only=False,
+                verbose=False,
+            )
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            raise out_of_memory_error(
+                error,
+                "evaluating",
+                {
+                    "data.eval_batch_size": cfg.data.eval_batch_size,
+                    "data.max_length": cfg.data.max_length,
+                    "trainer.precision": cfg.trainer.get("precision"),
+                },
+                "halve data.eval_batch_size (scores do not depend on it), or use "
+                "trainer.precision=bf16-mixed on a GPU.",
+            ) from error
     wall_time = time.perf_counter() - start
 
     examples = datamodule.val_examples

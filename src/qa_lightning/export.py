@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from qa_lightning.cli import report_errors
 from qa_lightning.config import register_resolvers
 from qa_lightning.data.collate import MODEL_INPUTS
-from qa_lightning.errors import ConfigError, QAError
+from qa_lightning.errors import ConfigError, ExportError
 from qa_lightning.inference import OUTPUT_NAMES, InferenceSettings
 from qa_lightning.tokenizer import load_tokenizer
 
@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 register_resolvers()
 
 FORMATS = ("hf", "onnx")
-
-
-class ExportError(QAError):
-    """An export could not be written or does not reproduce the PyTorch model."""
 
 
 @dataclass
@@ -279,16 +275,26 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         )
     if cfg.format == "hf" and not cfg.get("ckpt_path"):
         raise ConfigError("format=hf exports a checkpoint: give ckpt_path=PATH, not model_dir.")
+    if cfg.format == "onnx":
+        _check_onnx_config(cfg)
     out_dir = Path(cfg.get("out_dir") or Path(cfg.paths.output_dir) / f"{cfg.format}_model")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir='{out_dir}' is a file; give a directory to write into.")
     if cfg.get("ckpt_path"):
         exported = load_checkpoint(cfg.ckpt_path)
     else:
         exported = load_model_dir(cfg.model_dir)
-    if cfg.format == "hf":
-        path = save_hf(exported, out_dir)
-        print(f"wrote Hugging Face model directory {path}")
-        return {"format": "hf", "path": str(path)}
-    onnx_path = export_onnx(exported, out_dir, cfg.opset)
+    try:
+        if cfg.format == "hf":
+            path = save_hf(exported, out_dir)
+            print(f"wrote Hugging Face model directory {path}")
+            return {"format": "hf", "path": str(path)}
+        onnx_path = export_onnx(exported, out_dir, cfg.opset)
+    except OSError as error:
+        raise ExportError(
+            f"cannot write the export to out_dir='{out_dir}' ({error.strerror or error}); free "
+            "disk space or give a writable out_dir=DIR."
+        ) from error
     diff = onnx_max_abs_diff(exported, onnx_path)
     print(
         f"wrote {onnx_path}; max abs diff of start/end logits, onnxruntime vs PyTorch: {diff:.2e}"
@@ -299,6 +305,23 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             f"atol={cfg.atol}; try another opset, or raise atol if the difference is acceptable."
         )
     return {"format": "onnx", "path": str(onnx_path), "max_abs_diff": diff}
+
+
+def _check_onnx_config(cfg: DictConfig) -> None:
+    """``opset`` and ``atol`` values, and the packages an ONNX export needs."""
+    opset, atol = cfg.opset, cfg.atol
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < 7:
+        raise ConfigError(f"invalid config: opset={opset!r}; use an ONNX opset such as 17.")
+    if not isinstance(atol, int | float) or isinstance(atol, bool) or not atol >= 0:
+        raise ConfigError(f"invalid config: atol={atol!r}; use a tolerance >= 0 such as 1e-4.")
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"format=onnx needs the package(s) {missing}: pip install 'qa-lightning[export]' "
+            "(or export format=hf, which needs neither)."
+        )
 
 
 def _plain(value: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from qa_lightning.config import PAIR_SPECIAL_TOKENS
 from qa_lightning.data.collate import MODEL_INPUTS, WindowCollator
 from qa_lightning.data.windowing import make_eval_windows, truncate_questions
-from qa_lightning.errors import ConfigError, QAError
+from qa_lightning.errors import ConfigError, InputError
 from qa_lightning.postprocess import best_window_spans
 from qa_lightning.tokenizer import load_tokenizer
 
@@ -33,10 +34,6 @@ log = logging.getLogger(__name__)
 #: File in an exported model directory holding the windowing and decoding it was trained with.
 SETTINGS_FILE = "qa_lightning.json"
 OUTPUT_NAMES = ("start_logits", "end_logits")
-
-
-class InputError(QAError):
-    """A question or context cannot be answered as given (e.g. it is empty)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +47,13 @@ class InferenceSettings:
     max_answer_length: int = 30
 
     def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(
+                    f"invalid setting {field.name}={value!r}: must be an integer "
+                    f"(e.g. {field.name}={field.default})."
+                )
         for name in ("max_length", "max_question_tokens", "n_best", "max_answer_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"invalid setting {name}={getattr(self, name)!r}: must be > 0.")
@@ -73,7 +77,12 @@ class InferenceSettings:
             raise ConfigError(
                 f"'{path}' is not valid JSON ({error.msg}); re-export the model."
             ) from error
-        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+        if not isinstance(saved, dict):
+            raise ConfigError(f"'{path}' is not a JSON object of settings; re-export the model.")
+        try:
+            return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+        except ConfigError as error:
+            raise ConfigError(f"'{path}': {error} Fix the file or re-export the model.") from error
 
     def updated(self, **overrides: int | None) -> InferenceSettings:
         """A copy with the overrides that are not ``None``."""
@@ -123,11 +132,23 @@ class OnnxLogits:
     """An ONNX export (see :mod:`qa_lightning.export`) run with onnxruntime."""
 
     def __init__(self, onnx_path: str | Path, providers: Sequence[str] | None = None) -> None:
-        import onnxruntime
-
-        self.session = onnxruntime.InferenceSession(
-            str(onnx_path), providers=list(providers or ["CPUExecutionProvider"])
-        )
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise ConfigError(
+                "the ONNX backend needs onnxruntime: pip install 'qa-lightning[export]' "
+                "(or use backend=torch with model_dir=PATH)."
+            ) from error
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(onnx_path), providers=list(providers or ["CPUExecutionProvider"])
+            )
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise ConfigError(
+                f"onnx_path='{onnx_path}' is not a model onnxruntime can load "
+                f"({type(error).__name__}: {str(error).strip()[:200]}); export it again with "
+                "python -m qa_lightning.export ckpt_path=... format=onnx."
+            ) from error
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,9 +164,22 @@ class OnnxLogits:
 
 
 def resolve_device(device: str) -> str:
-    """``auto``: the GPU when there is one, else the CPU."""
+    """``auto``: the GPU when there is one, else the CPU; other values are checked to name a
+    device torch knows and that this machine has."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(
+            f"invalid config: device={device!r} is not a torch device; use auto, cpu, cuda or "
+            "cuda:N."
+        ) from error
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={device!r} but this machine has no CUDA GPU that torch can use; use "
+            "device=cpu (or device=auto)."
+        )
     return device
 
 
@@ -218,8 +252,7 @@ class QuestionAnswerer:
         settings: InferenceSettings | None = None,
         batch_size: int = 32,
     ) -> None:
-        if batch_size <= 0:
-            raise ConfigError(f"invalid batch_size={batch_size}: must be > 0.")
+        _check_batch_size(batch_size)
         self.tokenizer = tokenizer
         self.logits_fn = logits_fn
         self.settings = settings or InferenceSettings()
@@ -241,14 +274,12 @@ class QuestionAnswerer:
         from qa_lightning.model import load_qa_model
 
         model_dir = _existing_dir(model_dir, "model_dir")
+        _check_batch_size(batch_size)
+        inference_settings = InferenceSettings.from_dir(model_dir).updated(**settings)
+        device = resolve_device(device)  # all checks before the model is loaded
         tokenizer = load_tokenizer(str(model_dir))
         model = load_qa_model(str(model_dir))
-        return cls(
-            tokenizer,
-            TorchLogits(model, resolve_device(device)),
-            InferenceSettings.from_dir(model_dir).updated(**settings),
-            batch_size,
-        )
+        return cls(tokenizer, TorchLogits(model, device), inference_settings, batch_size)
 
     @classmethod
     def from_onnx(
@@ -269,10 +300,12 @@ class QuestionAnswerer:
                 "python -m qa_lightning.export ckpt_path=... format=onnx."
             )
         tokenizer_dir = _existing_dir(tokenizer_dir or onnx_path.parent, "model_dir")
+        _check_batch_size(batch_size)
+        inference_settings = InferenceSettings.from_dir(tokenizer_dir).updated(**settings)
         return cls(
             load_tokenizer(str(tokenizer_dir)),
             OnnxLogits(onnx_path),
-            InferenceSettings.from_dir(tokenizer_dir).updated(**settings),
+            inference_settings,
             batch_size,
         )
 
@@ -367,9 +400,10 @@ def read_question_lines(path: str | Path) -> tuple[list[QuestionLine], list[tupl
     """
     path = Path(path)
     if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
         raise ConfigError(
-            f"input='{path}' does not exist (resolved to '{path.resolve()}'); give a jsonl file "
-            'with one {"question": ..., "context": ...} object a line.'
+            f"input='{path}' {what} (resolved to '{path.resolve()}'); give a jsonl file with "
+            'one {"question": ..., "context": ...} object a line.'
         )
     try:
         text = path.read_text(encoding="utf-8")
@@ -438,10 +472,30 @@ def write_answers(
 ) -> dict[str, Any]:
     """Answer questions into a jsonl file, a line per input line: answered lines as
     ``{"line", "id", "question", "answers": [{"answer", "score", "start", "end"}]}``, bad lines
-    as ``{"line", "error"}``. Returns a summary with the bad lines."""
-    answers = answerer.answer(
-        [q.question for q in questions], [q.context for q in questions], top_k, progress
-    )
+    as ``{"line", "error"}``. Returns a summary with the bad lines.
+
+    The output is checked to be writable before any question is answered, and written to
+    ``<output>.part`` then renamed: an interrupted run leaves no half-written file.
+    """
+    output_path = Path(output_path)
+    partial = output_path.with_name(output_path.name + ".part")
+    try:
+        if output_path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        partial.touch()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write output='{output_path}' ({error.strerror}); give a writable file "
+            "path, e.g. output=answers.jsonl."
+        ) from error
+    try:
+        answers = answerer.answer(
+            [q.question for q in questions], [q.context for q in questions], top_k, progress
+        )
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     rows = [
         {
             "line": q.line,
@@ -453,16 +507,30 @@ def write_answers(
     ]
     rows += [{"line": number, "error": problem} for number, problem in problems]
     rows.sort(key=lambda row: row["line"])
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    with output_path.open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(partial, output_path)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write output='{output_path}' ({error.strerror}); the answers could not be "
+            "saved: free disk space or give another output=PATH, and run again."
+        ) from error
+    finally:
+        partial.unlink(missing_ok=True)
     return {
         "answered": len(questions),
         "bad_lines": [{"line": n, "problem": p} for n, p in problems],
         "output": str(output_path),
     }
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ConfigError(
+            f"invalid batch_size={batch_size!r}: must be an integer > 0 (e.g. batch_size=32)."
+        )
 
 
 def _existing_dir(path: str | Path, key: str) -> Path:

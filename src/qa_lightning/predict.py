@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from qa_lightning.cli import report_errors
+from qa_lightning.cli import is_out_of_memory, out_of_memory_error, report_errors
 from qa_lightning.config import register_resolvers
 from qa_lightning.errors import ConfigError
 from qa_lightning.inference import (
@@ -51,6 +53,32 @@ def load_answerer(cfg: DictConfig) -> QuestionAnswerer:
     raise ConfigError(f"invalid config: backend={cfg.backend!r}; use torch or onnx.")
 
 
+def _text(value: Any) -> Any:
+    """Hydra reads ``context=1998`` as a number: a number given on the command line is text."""
+    return str(value) if isinstance(value, int | float) else value
+
+
+@contextmanager
+def explain_out_of_memory(cfg: DictConfig) -> Iterator[None]:
+    """Running out of memory while answering becomes a :class:`ResourceError` naming the
+    settings that decide the memory needed."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise out_of_memory_error(
+            error,
+            "answering",
+            {
+                "batch_size": cfg.batch_size,
+                "max_length": cfg.get("max_length") or "the model's",
+                "device": cfg.device,
+            },
+            "lower batch_size (the answers do not depend on it), or use device=cpu.",
+        ) from error
+
+
 def predict(cfg: DictConfig) -> Any:
     """Answer one ``question``/``context`` (printed; returns the answers as dicts) or an
     ``input`` jsonl file (written to ``output``; returns a summary)."""
@@ -60,11 +88,15 @@ def predict(cfg: DictConfig) -> Any:
             "give either question=... context=... (one question), or input=FILE.jsonl "
             '(one {"question": ..., "context": ...} object a line).'
         )
-    if cfg.top_k <= 0:
-        raise ConfigError(f"invalid config: top_k={cfg.top_k!r}; must be > 0.")
+    top_k = cfg.top_k
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0:
+        raise ConfigError(f"invalid config: top_k={top_k!r}; must be an integer > 0 (e.g. 3).")
     if single:
-        check_inputs([cfg.question], [cfg.context])  # before loading the model
-        answers = load_answerer(cfg).answer([cfg.question], [cfg.context], cfg.top_k)[0]
+        question, context = _text(cfg.question), _text(cfg.context)
+        check_inputs([question], [context])  # before loading the model
+        answerer = load_answerer(cfg)
+        with explain_out_of_memory(cfg):
+            answers = answerer.answer([question], [context], top_k)[0]
         if not answers:
             print("no answer: no span of the context fits the model's limits")
         for rank, answer in enumerate(answers, start=1):
@@ -72,9 +104,9 @@ def predict(cfg: DictConfig) -> Any:
         return [answer.as_dict() for answer in answers]
     questions, problems = load_question_file(cfg.input)
     output = cfg.get("output") or Path(cfg.paths.output_dir) / "answers.jsonl"
-    summary = write_answers(
-        load_answerer(cfg), questions, problems, output, cfg.top_k, cfg.progress
-    )
+    answerer = load_answerer(cfg)
+    with explain_out_of_memory(cfg):
+        summary = write_answers(answerer, questions, problems, output, top_k, cfg.progress)
     bad = summary["bad_lines"]
     skipped = (
         f"; skipped {len(bad)} bad line(s): "

@@ -77,22 +77,32 @@ def read_run(run_dir: str | Path, sweep_dir: str | Path | None = None) -> dict[s
     metrics_file = run_dir / "metrics.json"
     try:
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    except json.JSONDecodeError:
-        metrics = None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        row["error"] = f"unreadable metrics.json ({type(error).__name__})"
+        return row
+    if metrics is not None and not isinstance(metrics, dict):
+        row["error"] = "metrics.json is not a JSON object"
+        return row
     # training runs keep their best epoch's scores under "best"; evaluation runs theirs on top
     best = (metrics or {}).get("best", metrics or {})
-    if "f1" in best and best.get("epoch", 0) >= 0:
+    best = best if isinstance(best, dict) else {}
+    f1, em, epoch = _number(best.get("f1")), _number(best.get("em")), best.get("epoch", 0)
+    if f1 is not None and em is not None and isinstance(epoch, int) and epoch >= 0:
         row.update(
             status="ok",
-            f1=float(best["f1"]),
-            em=float(best["em"]),
+            f1=f1,
+            em=em,
             best_epoch=best.get("epoch"),
-            wall_time_s=metrics.get("wall_time_s"),
+            wall_time_s=_number(metrics.get("wall_time_s")),
         )
     else:
         error_file = run_dir / "error.txt"
         if error_file.is_file():
-            lines = [line for line in error_file.read_text().splitlines() if line.strip()]
+            try:
+                text = error_file.read_text(errors="replace")
+            except OSError as error:
+                text = f"unreadable error.txt ({error.strerror})"
+            lines = [line for line in text.splitlines() if line.strip()]
             row["error"] = lines[-1][:300] if lines else ""
         elif metrics:
             row["error"] = "metrics.json holds no validation score"
@@ -117,7 +127,12 @@ def write_report(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows = summarize(sweep_dir)
     _write_atomic(sweep_dir / "summary.csv", to_csv(rows).encode())
     _write_atomic(sweep_dir / "summary.md", to_markdown(rows, title=sweep_dir.name).encode())
-    _write_atomic(sweep_dir / "summary.png", plot_png(rows, title=sweep_dir.name))
+    try:
+        png = plot_png(rows, title=sweep_dir.name)
+    except ImportError:
+        log.warning("no summary.png: it needs matplotlib (pip install 'qa-lightning[sweep]')")
+    else:
+        _write_atomic(sweep_dir / "summary.png", png)
     return rows
 
 
@@ -236,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="e.g. outputs/train/multirun/2026-01-01_12-00")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        print(f"error: {args.sweep_dir} is not a directory", file=sys.stderr)
+        what = "is not a directory" if args.sweep_dir.exists() else "does not exist"
+        print(
+            f"error: sweep dir '{args.sweep_dir}' {what}; pass the sweep dir of a multirun, e.g. "
+            "outputs/train/multirun/<date>",
+            file=sys.stderr,
+        )
         return 2
     if not find_runs(args.sweep_dir):
         print(
@@ -245,7 +265,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    rows = write_report(args.sweep_dir)
+    try:
+        rows = write_report(args.sweep_dir)
+    except OSError as error:
+        print(
+            f"error: cannot write the summary to {args.sweep_dir} ({error.strerror or error}"
+            f"{f': {error.filename}' if error.filename else ''}); free disk space or make the "
+            "sweep dir writable, then run again.",
+            file=sys.stderr,
+        )
+        return 2
     print(to_markdown(rows, title=args.sweep_dir.name), end="")
     print(f"wrote {', '.join(str(args.sweep_dir / name) for name in SUMMARY_FILES)}")
     return 0
@@ -285,8 +314,11 @@ def _natural_key(text: str) -> list[Any]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -15,55 +15,131 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.cli import report_errors
-from qa_lightning.config import register_resolvers, validate_train_config
-from qa_lightning.export import try_export_hf
+from qa_lightning.cli import is_out_of_memory, out_of_memory_error, report_errors
+from qa_lightning.config import register_resolvers, validate_max_length, validate_train_config
+from qa_lightning.errors import ConfigError, TrainingError
+from qa_lightning.export import read_checkpoint, try_export_hf
+from qa_lightning.hardware import cpu_bf16_warning
+from qa_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 register_resolvers()
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """``ckpt_path`` if given, else with ``resume=true`` the run dir's last checkpoint."""
+    """``ckpt_path`` if given, else with ``resume=true`` the run dir's last checkpoint; checked
+    to be readable before any work."""
     if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
+        path, key = Path(cfg.ckpt_path), "ckpt_path"
+    else:
+        path, key = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", "resume=true"
+        if not (cfg.get("resume") and path.is_file()):
+            return None
+    if path.is_dir():  # a sharded (DeepSpeed, FSDP) checkpoint: its strategy reads it
+        return str(path)
+    try:
+        read_checkpoint(path)  # memory-mapped: reads the header, not the weights
+    except ConfigError as error:
+        raise ConfigError(
+            f"{error} Cannot continue from it ({key}); give another checkpoint with "
+            "ckpt_path=PATH (e.g. the run's checkpoints/best-*.ckpt), or start afresh in a new "
+            "run dir."
+        ) from error
+    return str(path)
+
+
+def fit(
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    datamodule: Any,
+    cfg: DictConfig,
+    ckpt_path: str | None = None,
+) -> None:
+    """``trainer.fit``; a non-finite loss or running out of memory becomes a :class:`QAError`
+    naming the settings to change and the checkpoint kept."""
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if cfg.get("resume") and last.is_file():
-        return str(last)
-    return None
+    try:
+        # our own checkpoints hold OmegaConf hyperparameters and RNG states: not
+        # weights_only-loadable
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    except FloatingPointError as error:
+        kept = (
+            f"'{last}' was saved before the loss diverged and is kept."
+            if last.is_file()
+            else "No checkpoint of the diverged weights was written."
+        )
+        precision = str(cfg.trainer.get("precision"))
+        fixes = ["lower model.lr"]
+        if not cfg.trainer.get("gradient_clip_val"):
+            fixes.append("clip gradients (trainer.gradient_clip_val=1.0)")
+        if "16" in precision and "bf16" not in precision:
+            fixes.append("train in trainer.precision=bf16-mixed (or 32-true)")
+        raise TrainingError(
+            f"training stopped: {error} The run used model.lr={cfg.model.lr}, "
+            f"trainer.precision={precision} and "
+            f"trainer.gradient_clip_val={cfg.trainer.get('gradient_clip_val')}: "
+            f"{', '.join(fixes[:-1]) + ' or ' if len(fixes) > 1 else ''}{fixes[-1]}, and start "
+            f"again. {kept}"
+        ) from error
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        data, trainer_cfg = cfg.data, cfg.trainer
+        settings = {
+            "data.batch_size": data.batch_size,
+            "data.eval_batch_size": data.eval_batch_size,
+            "data.max_length": data.max_length,
+            "trainer.precision": trainer_cfg.get("precision"),
+            "trainer.accumulate_grad_batches": trainer_cfg.get("accumulate_grad_batches", 1),
+        }
+        raise out_of_memory_error(
+            error,
+            "training",
+            settings,
+            "halve data.batch_size and double trainer.accumulate_grad_batches (the same "
+            "effective batch), lower data.eval_batch_size if it failed in validation, use "
+            "trainer.precision=bf16-mixed on a GPU, or lower data.max_length.",
+            f"Progress so far is in '{last}': continue with resume=true "
+            f"hydra.run.dir={cfg.paths.output_dir}."
+            if last.is_file()
+            else "",
+        ) from error
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then write ``metrics.json``, ``predictions.json`` and the resolved config to the run
     dir. Returns the metrics written."""
     validate_train_config(cfg)
+    ckpt_path = resume_checkpoint(cfg)  # an unreadable checkpoint fails before any work
+    validate_max_length(cfg.data.max_length, load_tokenizer(cfg.data.tokenizer_name_or_path))
+    if warning := cpu_bf16_warning(str(cfg.trainer.accelerator), str(cfg.trainer.precision)):
+        log.warning(warning)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")  # data errors surface before the model is loaded
-    model = instantiate(cfg.model)
+    # trainer first: its config errors (precision, accelerator ...) surface before any work
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")  # data errors surface before the model is loaded
+    model = instantiate(cfg.model)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     start = time.perf_counter()
-    # our own checkpoints hold OmegaConf hyperparameters and RNG states: not weights_only-loadable
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg), weights_only=False)
+    fit(trainer, model, datamodule, cfg, ckpt_path)
     wall_time = time.perf_counter() - start
 
-    final = {k: float(trainer.callback_metrics[f"val/{k}"]) for k in ("em", "f1")}
     metrics = {
-        "final": final,
+        "final": {k: model.last_scores.get(k) for k in ("em", "f1")},
         "best": model.best,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "wall_time_s": round(wall_time, 1),
-        "train_questions": cfg.data.train_samples,
+        "train_questions": datamodule.num_train_examples,
         "train_windows": len(datamodule.train_windows),
         "validation_questions": len(datamodule.val_examples),
         "skipped_records": {split: len(ids) for split, ids in datamodule.skipped.items()},

@@ -8,8 +8,10 @@ from typing import Any
 
 import datasets
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
+from qa_lightning.checkpointing import ResumableDataLoader
 from qa_lightning.data import cache
 from qa_lightning.data.collate import WindowCollator
 from qa_lightning.data.loading import load_hub_split, load_local_file
@@ -62,6 +64,7 @@ class SquadDataModule(L.LightningDataModule):
         self.train_windows: datasets.Dataset | None = None
         self.val_windows: datasets.Dataset | None = None
         self.val_examples: datasets.Dataset | None = None
+        self.num_train_examples = 0
         self.skipped: dict[str, dict[str, str]] = {}
 
     # -- loading -------------------------------------------------------------------------------
@@ -146,6 +149,7 @@ class SquadDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(self.hparams.tokenizer_name_or_path)
         if stage in (None, "fit") and self.train_windows is None:
             examples = self.load_examples("train")
+            self.num_train_examples = len(examples)
             self.train_windows = self.windows(examples, train=True)
             log.info("train: %d questions -> %d windows", len(examples), len(self.train_windows))
         if stage in (None, "fit", "validate") and self.val_windows is None:
@@ -168,11 +172,13 @@ class SquadDataModule(L.LightningDataModule):
             if hp.group_by_length
             else None
         )
-        return DataLoader(
+        # resumable mid-epoch; its own generator keeps epoch starts off the global RNG (dropout)
+        return ResumableDataLoader(
             windows.remove_columns(["length"]),
             batch_size=hp.batch_size,
             sampler=sampler,
             shuffle=sampler is None,
+            generator=torch.Generator().manual_seed(hp.sampler_seed),
             collate_fn=self._collator(),
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,

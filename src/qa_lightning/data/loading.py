@@ -46,11 +46,16 @@ def load_hub_split(dataset_name: str, dataset_config: str | None, split: str) ->
 def load_local_file(path: str | Path) -> datasets.Dataset:
     """Examples of a local SQuAD-format file, chosen by extension (.json, .jsonl, .parquet)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(
             f"data file '{path}' does not exist (resolved to '{path.resolve()}'). "
             "Check data.train_file / data.validation_file; relative paths are relative to the "
             "directory you run from."
+        )
+    if not path.is_file():
+        raise ConfigError(
+            f"data file '{path}' is a directory, not a file; give the SQuAD json, jsonl or "
+            "parquet file in it (data.train_file / data.validation_file)."
         )
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:

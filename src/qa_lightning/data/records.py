@@ -64,21 +64,22 @@ def check_records(
     problems = record_problems(examples, allow_unanswerable)
     if not problems:
         return examples, {}
+    bad = set(problems)
+    count = sum(qid in bad for qid in examples["id"][:])  # both records of a duplicated id
     listed = "; ".join(f"{qid}: {p}" for qid, p in list(problems.items())[:SHOWN_PROBLEMS])
     more = f" (and {len(problems) - SHOWN_PROBLEMS} more)" if len(problems) > SHOWN_PROBLEMS else ""
     if on_bad_record == "error":
         raise DataError(
-            f"{len(problems)} bad record(s) of {len(examples)} in {source}: {listed}{more}. "
+            f"{count} bad record(s) of {len(examples)} in {source}: {listed}{more}. "
             "Fix them, or set data.on_bad_record=skip to skip them (they are counted and listed)."
         )
     log.warning(
         "skipping %d bad record(s) of %d in %s: %s%s",
-        len(problems),
+        count,
         len(examples),
         source,
         listed,
         more,
     )
-    bad = set(problems)
     kept = examples.filter(lambda qid: qid not in bad, input_columns="id")
     return kept, problems

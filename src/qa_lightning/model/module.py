@@ -45,7 +45,9 @@ def load_qa_model(
         text = str(error).strip().splitlines()
         raise ConfigError(
             f"could not load model '{name_or_path}' ({type(error).__name__}: "
-            f"{text[0] if text else ''}). Check model.name_or_path. {OFFLINE_HINT}"
+            f"{text[0] if text else ''}). Check model.name_or_path"
+            + (" and model.config_overrides" if config_overrides else "")
+            + f". {OFFLINE_HINT}"
         ) from error
 
 
