@@ -13,13 +13,13 @@ import datasets
 import numpy as np
 
 
-def prepare_train_features(
-    tokenizer: Any, examples: dict[str, list], max_length: int = 384, stride: int = 128
-) -> dict[str, list]:
-    """``run_qa.py``'s ``prepare_train_features`` with ``pad_to_max_length=True`` (its default)."""
+def _tokenize_padded(
+    tokenizer: Any, examples: dict[str, list], max_length: int, stride: int
+) -> Any:
+    """The recipe's tokenizer call: question first, windows padded to ``max_length``."""
     pad_on_right = tokenizer.padding_side == "right"
     questions = [q.lstrip() for q in examples["question"]]
-    tokenized = tokenizer(
+    return tokenizer(
         questions if pad_on_right else examples["context"],
         examples["context"] if pad_on_right else questions,
         truncation="only_second" if pad_on_right else "only_first",
@@ -29,6 +29,14 @@ def prepare_train_features(
         return_offsets_mapping=True,
         padding="max_length",
     )
+
+
+def prepare_train_features(
+    tokenizer: Any, examples: dict[str, list], max_length: int = 384, stride: int = 128
+) -> dict[str, list]:
+    """``run_qa.py``'s ``prepare_train_features`` with ``pad_to_max_length=True`` (its default)."""
+    pad_on_right = tokenizer.padding_side == "right"
+    tokenized = _tokenize_padded(tokenizer, examples, max_length, stride)
     sample_mapping = tokenized.pop("overflow_to_sample_mapping")
     offset_mapping = tokenized.pop("offset_mapping")
     tokenized["start_positions"] = []
@@ -72,17 +80,7 @@ def prepare_validation_features(
 ) -> dict[str, list]:
     """``run_qa.py``'s ``prepare_validation_features``: offsets outside the context are ``None``."""
     pad_on_right = tokenizer.padding_side == "right"
-    questions = [q.lstrip() for q in examples["question"]]
-    tokenized = tokenizer(
-        questions if pad_on_right else examples["context"],
-        examples["context"] if pad_on_right else questions,
-        truncation="only_second" if pad_on_right else "only_first",
-        max_length=max_length,
-        stride=stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding="max_length",
-    )
+    tokenized = _tokenize_padded(tokenizer, examples, max_length, stride)
     sample_mapping = tokenized.pop("overflow_to_sample_mapping")
     context_index = 1 if pad_on_right else 0
     tokenized["example_id"] = []
