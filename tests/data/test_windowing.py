@@ -244,3 +244,22 @@ def test_truncate_questions(tokenizer):
     assert kept == ["what is", "who?", "which token", "a b"]
     assert cut == [0, 2, 3]
     assert all(len(tokenizer.tokenize(q)) == 2 for q in kept)
+
+
+def test_truncate_questions_cuts_exactly_the_questions_over_the_limit(tokenizer):
+    questions = [
+        "who?",
+        " " + "word " * 9,  # 9 tokens
+        "word " * 10,  # 10 tokens: at the limit
+        "word " * 11,  # 11 tokens
+        "🙂" * 12,  # 12 characters, 48 bytes
+        "a-b-c-d-e-f",  # 11 tokens in 11 bytes
+    ]
+    full = [len(tokenizer(q.lstrip(), add_special_tokens=False)["input_ids"]) for q in questions]
+    kept, cut = truncate_questions(tokenizer, questions, 10)
+    assert cut == [i for i, n in enumerate(full) if n > 10] == [3, 5]
+    assert [len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in kept[3:6:2]] == [
+        10,
+        10,
+    ]
+    assert kept[:3] == questions[:3]

@@ -186,16 +186,20 @@ def truncate_questions(
 ) -> tuple[list[str], list[int]]:
     """Cut questions longer than ``max_tokens`` tokens at their ``max_tokens``-th token.
 
-    Returns the questions and the positions of those that were cut.
+    Returns the questions and the positions of those that were cut. Only questions that could be
+    that long are tokenised: a token covers at least one UTF-8 byte (one more for a word-start
+    marker), so a question of at most ``max_tokens - 1`` bytes cannot exceed the limit.
     """
+    kept = list(questions)
+    long = [i for i, q in enumerate(questions) if len(q.lstrip().encode()) + 1 > max_tokens]
+    if not long:
+        return kept, []
     encoded = tokenizer(
-        [q.lstrip() for q in questions], add_special_tokens=False, return_offsets_mapping=True
+        [questions[i].lstrip() for i in long], add_special_tokens=False, return_offsets_mapping=True
     )
-    kept, cut = [], []
-    for i, (question, offsets) in enumerate(zip(questions, encoded["offset_mapping"], strict=True)):
+    cut = []
+    for i, offsets in zip(long, encoded["offset_mapping"], strict=True):
         if len(offsets) > max_tokens:
-            kept.append(question.lstrip()[: offsets[max_tokens - 1][1]])
+            kept[i] = questions[i].lstrip()[: offsets[max_tokens - 1][1]]
             cut.append(i)
-        else:
-            kept.append(question)
     return kept, cut
