@@ -48,7 +48,8 @@ def test_defaults_match_the_reference_recipe(compose_train) -> None:
     assert cfg.data.train_samples == 2000 and cfg.data.sample_seed == 42
     assert (cfg.data.max_length, cfg.data.stride) == (384, 128)
     assert (cfg.model.lr, cfg.model.weight_decay) == (2e-5, 0.01)
-    assert (cfg.model.n_best, cfg.model.max_answer_length) == (20, 30)
+    assert (cfg.postprocess.n_best, cfg.postprocess.max_answer_length) == (20, 30)
+    assert (cfg.model.n_best, cfg.model.max_answer_length) == (20, 30)  # wired to the module
     assert cfg.data.batch_size == 8
     assert cfg.model.name_or_path == "distilbert-base-uncased"
 

@@ -117,7 +117,7 @@ def test_cli_evaluate_rejects_a_stride_the_tokenizer_would_panic_on(tmp_path) ->
         (["model.lr=inf"], ["model.lr=inf", "must be finite"]),
         (["model.lr=fast"], ["model.lr='fast'", "must be a number"]),
         (["model.warmup_ratio=1.5"], ["model.warmup_ratio=1.5", "[0, 1)"]),
-        (["model.n_best=0"], ["model.n_best=0"]),
+        (["postprocess.n_best=0"], ["postprocess.n_best=0"]),
         (["trainer.max_epochs=0"], ["trainer.max_epochs=0", "must be > 0"]),
         (["trainer.max_epochs=two"], ["trainer.max_epochs='two'", "must be an integer"]),
         (["+trainer.accumulate_grad_batches=0"], ["trainer.accumulate_grad_batches=0"]),

@@ -239,7 +239,7 @@ def test_evaluate_out_of_memory_names_eval_batch_size(
     [
         (["data.max_length=600"], ["data.max_length=600", "at most 512 tokens"]),
         (["data.eval_batch_size=x"], ["data.eval_batch_size='x'", "must be an integer"]),
-        (["model.n_best=0"], ["model.n_best=0"]),
+        (["postprocess.n_best=0"], ["postprocess.n_best=0"]),
         (["data.validation_samples=31"], ["data.validation_samples=31", "the 30 questions"]),
     ],
 )

@@ -51,7 +51,7 @@ def test_v1_config_rejects_unanswerable_questions(compose_train) -> None:
 def test_v2_training_logs_v2_metrics_and_threshold_decides(
     compose_train, threshold: float, empty: int
 ) -> None:
-    cfg = compose_train([*V2_OVERRIDES, f"model.null_score_diff_threshold={threshold}"])
+    cfg = compose_train([*V2_OVERRIDES, f"postprocess.null_score_diff_threshold={threshold}"])
     metrics = train(cfg)
     best = metrics["best"]
     for key in ("HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh", "HasAns_total"):

@@ -7,7 +7,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from qa_lightning.errors import QAError, ResourceError
@@ -93,18 +94,29 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def out_of_memory_error(
-    error: BaseException, doing: str, settings: Mapping[str, Any], advice: str, note: str = ""
-) -> ResourceError:
-    """A :class:`ResourceError` for ``error`` (see :func:`is_out_of_memory`) naming the settings
-    that decide how much memory ``doing`` takes, with their current values, and ``advice``."""
-    first = str(error).strip().splitlines()
-    current = ", ".join(f"{key}={value}" for key, value in settings.items())
-    return ResourceError(
-        f"out of memory while {doing} ({type(error).__name__}: {first[0] if first else ''}). "
-        f"These settings decide the memory needed: {current}; {advice}"
-        + (f" {note}" if note else "")
-    )
+@contextmanager
+def explain_out_of_memory(
+    doing: str,
+    settings: Mapping[str, Any],
+    advice: str,
+    note: Callable[[], str] = lambda: "",
+) -> Iterator[None]:
+    """Running out of memory (see :func:`is_out_of_memory`) inside the block becomes a
+    :class:`ResourceError` naming the settings that decide how much memory ``doing`` takes,
+    with their current values, then ``advice`` and ``note()`` (worked out after the failure)."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        first = str(error).strip().splitlines()
+        current = ", ".join(f"{key}={value}" for key, value in settings.items())
+        extra = note()
+        raise ResourceError(
+            f"out of memory while {doing} ({type(error).__name__}: {first[0] if first else ''}). "
+            f"These settings decide the memory needed: {current}; {advice}"
+            + (f" {extra}" if extra else "")
+        ) from error
 
 
 def is_disk_full(error: BaseException | None) -> bool:

@@ -85,6 +85,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         )
     validate_data_config(cfg.data)
     validate_model_config(cfg.model)
+    validate_decoding_config(cfg.postprocess)
     trainer = cfg.trainer
     epochs = _number(trainer, "max_epochs", "trainer", True, "3")
     _check(epochs is None or epochs > 0, "trainer.max_epochs", epochs, "must be > 0.")
@@ -98,8 +99,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 
 def validate_model_config(model: DictConfig) -> None:
-    """The optimisation and decoding values of ``model`` (training checks them all, evaluation
-    the decoding ones)."""
+    """The optimisation values of ``model``."""
     lr = _number(model, "lr", "model", False, "2e-5")
     _check(lr is not None and lr > 0, "model.lr", lr, "the learning rate must be > 0 (e.g. 2e-5).")
     decay = _number(model, "weight_decay", "model", False, "0.01")
@@ -108,16 +108,15 @@ def validate_model_config(model: DictConfig) -> None:
     _check(warmup is None or 0 <= warmup < 1, "model.warmup_ratio", warmup, "use [0, 1).")
     eps = _number(model, "adam_epsilon", "model", False, "1e-8")
     _check(eps is None or eps > 0, "model.adam_epsilon", eps, "must be > 0 (e.g. 1e-8).")
-    validate_decoding_config(model)
 
 
-def validate_decoding_config(model: DictConfig) -> None:
-    """``model.n_best`` and ``model.max_answer_length``."""
+def validate_decoding_config(postprocess: DictConfig) -> None:
+    """``postprocess.n_best`` and ``postprocess.max_answer_length``."""
     for name, reference in (("n_best", 20), ("max_answer_length", 30)):
-        value = _number(model, name, "model", True, str(reference))
+        value = _number(postprocess, name, "postprocess", True, str(reference))
         _check(
             value is not None and value > 0,
-            f"model.{name}",
+            f"postprocess.{name}",
             value,
             f"must be > 0 (reference: {reference}).",
         )

@@ -18,7 +18,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qa_lightning.cli import is_out_of_memory, out_of_memory_error, report_errors
+from qa_lightning.cli import explain_out_of_memory, report_errors
 from qa_lightning.config import (
     register_resolvers,
     validate_data_config,
@@ -87,7 +87,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     with open_dict(data):
         data.train_file, data.train_samples = data.validation_file, None
     validate_data_config(data)
-    validate_decoding_config(cfg.model)
+    validate_decoding_config(cfg.postprocess)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -110,7 +110,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with warnings.catch_warnings():
         # validation needs the training callbacks' states no more than the optimizer's
         warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
-        try:
+        with explain_out_of_memory(
+            "evaluating",
+            {
+                "data.eval_batch_size": cfg.data.eval_batch_size,
+                "data.max_length": cfg.data.max_length,
+                "trainer.precision": cfg.trainer.get("precision"),
+            },
+            "halve data.eval_batch_size (scores do not depend on it), or use "
+            "trainer.precision=bf16-mixed on a GPU.",
+        ):
             # our own checkpoints hold OmegaConf hyperparameters: not weights_only-loadable
             trainer.validate(
                 model,
@@ -119,20 +128,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 weights_only=False,
                 verbose=False,
             )
-        except (RuntimeError, MemoryError) as error:
-            if not is_out_of_memory(error):
-                raise
-            raise out_of_memory_error(
-                error,
-                "evaluating",
-                {
-                    "data.eval_batch_size": cfg.data.eval_batch_size,
-                    "data.max_length": cfg.data.max_length,
-                    "trainer.precision": cfg.trainer.get("precision"),
-                },
-                "halve data.eval_batch_size (scores do not depend on it), or use "
-                "trainer.precision=bf16-mixed on a GPU.",
-            ) from error
     wall_time = time.perf_counter() - start
 
     examples = datamodule.val_examples

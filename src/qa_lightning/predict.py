@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from qa_lightning.cli import is_out_of_memory, out_of_memory_error, report_errors
+from qa_lightning.cli import explain_out_of_memory, report_errors
 from qa_lightning.config import register_resolvers
 from qa_lightning.errors import ConfigError
 from qa_lightning.inference import (
@@ -58,25 +57,18 @@ def _text(value: Any) -> Any:
     return str(value) if isinstance(value, int | float) else value
 
 
-@contextmanager
-def explain_out_of_memory(cfg: DictConfig) -> Iterator[None]:
+def answering_memory(cfg: DictConfig) -> AbstractContextManager[None]:
     """Running out of memory while answering becomes a :class:`ResourceError` naming the
     settings that decide the memory needed."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as error:
-        if not is_out_of_memory(error):
-            raise
-        raise out_of_memory_error(
-            error,
-            "answering",
-            {
-                "batch_size": cfg.batch_size,
-                "max_length": cfg.get("max_length") or "the model's",
-                "device": cfg.device,
-            },
-            "lower batch_size (the answers do not depend on it), or use device=cpu.",
-        ) from error
+    return explain_out_of_memory(
+        "answering",
+        {
+            "batch_size": cfg.batch_size,
+            "max_length": cfg.get("max_length") or "the model's",
+            "device": cfg.device,
+        },
+        "lower batch_size (the answers do not depend on it), or use device=cpu.",
+    )
 
 
 def predict(cfg: DictConfig) -> Any:
@@ -95,7 +87,7 @@ def predict(cfg: DictConfig) -> Any:
         question, context = _text(cfg.question), _text(cfg.context)
         check_inputs([question], [context])  # before loading the model
         answerer = load_answerer(cfg)
-        with explain_out_of_memory(cfg):
+        with answering_memory(cfg):
             answers = answerer.answer([question], [context], top_k)[0]
         if not answers:
             print("no answer: no span of the context fits the model's limits")
@@ -105,7 +97,7 @@ def predict(cfg: DictConfig) -> Any:
     questions, problems = load_question_file(cfg.input)
     output = cfg.get("output") or Path(cfg.paths.output_dir) / "answers.jsonl"
     answerer = load_answerer(cfg)
-    with explain_out_of_memory(cfg):
+    with answering_memory(cfg):
         summary = write_answers(answerer, questions, problems, output, top_k, cfg.progress)
     bad = summary["bad_lines"]
     skipped = (

@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.cli import is_out_of_memory, out_of_memory_error, report_errors
+from qa_lightning.cli import explain_out_of_memory, report_errors
 from qa_lightning.config import register_resolvers, validate_max_length, validate_train_config
 from qa_lightning.errors import ConfigError, TrainingError
 from qa_lightning.export import read_checkpoint, try_export_hf
@@ -58,52 +58,55 @@ def fit(
     """``trainer.fit``; a non-finite loss or running out of memory becomes a :class:`QAError`
     naming the settings to change and the checkpoint kept."""
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    try:
-        # our own checkpoints hold OmegaConf hyperparameters and RNG states: not
-        # weights_only-loadable
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    except FloatingPointError as error:
-        kept = (
-            f"'{last}' was saved before the loss diverged and is kept."
-            if last.is_file()
-            else "No checkpoint of the diverged weights was written."
-        )
-        precision = str(cfg.trainer.get("precision"))
-        fixes = ["lower model.lr"]
-        if not cfg.trainer.get("gradient_clip_val"):
-            fixes.append("clip gradients (trainer.gradient_clip_val=1.0)")
-        if "16" in precision and "bf16" not in precision:
-            fixes.append("train in trainer.precision=bf16-mixed (or 32-true)")
-        raise TrainingError(
-            f"training stopped: {error} The run used model.lr={cfg.model.lr}, "
-            f"trainer.precision={precision} and "
-            f"trainer.gradient_clip_val={cfg.trainer.get('gradient_clip_val')}: "
-            f"{', '.join(fixes[:-1]) + ' or ' if len(fixes) > 1 else ''}{fixes[-1]}, and start "
-            f"again. {kept}"
-        ) from error
-    except (RuntimeError, MemoryError) as error:
-        if not is_out_of_memory(error):
-            raise
-        data, trainer_cfg = cfg.data, cfg.trainer
-        settings = {
-            "data.batch_size": data.batch_size,
-            "data.eval_batch_size": data.eval_batch_size,
-            "data.max_length": data.max_length,
-            "trainer.precision": trainer_cfg.get("precision"),
-            "trainer.accumulate_grad_batches": trainer_cfg.get("accumulate_grad_batches", 1),
-        }
-        raise out_of_memory_error(
-            error,
-            "training",
-            settings,
-            "halve data.batch_size and double trainer.accumulate_grad_batches (the same "
-            "effective batch), lower data.eval_batch_size if it failed in validation, use "
-            "trainer.precision=bf16-mixed on a GPU, or lower data.max_length.",
+    data, trainer_cfg = cfg.data, cfg.trainer
+    memory_settings = {
+        "data.batch_size": data.batch_size,
+        "data.eval_batch_size": data.eval_batch_size,
+        "data.max_length": data.max_length,
+        "trainer.precision": trainer_cfg.get("precision"),
+        "trainer.accumulate_grad_batches": trainer_cfg.get("accumulate_grad_batches", 1),
+    }
+    with explain_out_of_memory(
+        "training",
+        memory_settings,
+        "halve data.batch_size and double trainer.accumulate_grad_batches (the same "
+        "effective batch), lower data.eval_batch_size if it failed in validation, use "
+        "trainer.precision=bf16-mixed on a GPU, or lower data.max_length.",
+        lambda: (
             f"Progress so far is in '{last}': continue with resume=true "
             f"hydra.run.dir={cfg.paths.output_dir}."
             if last.is_file()
-            else "",
-        ) from error
+            else ""
+        ),
+    ):
+        try:
+            # our own checkpoints hold OmegaConf hyperparameters and RNG states: not
+            # weights_only-loadable
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        except FloatingPointError as error:
+            raise diverged_error(error, cfg, last) from error
+
+
+def diverged_error(error: FloatingPointError, cfg: DictConfig, last: Path) -> TrainingError:
+    """A non-finite loss, explained: the settings to change and whether a checkpoint is kept."""
+    kept = (
+        f"'{last}' was saved before the loss diverged and is kept."
+        if last.is_file()
+        else "No checkpoint of the diverged weights was written."
+    )
+    precision = str(cfg.trainer.get("precision"))
+    fixes = ["lower model.lr"]
+    if not cfg.trainer.get("gradient_clip_val"):
+        fixes.append("clip gradients (trainer.gradient_clip_val=1.0)")
+    if "16" in precision and "bf16" not in precision:
+        fixes.append("train in trainer.precision=bf16-mixed (or 32-true)")
+    return TrainingError(
+        f"training stopped: {error} The run used model.lr={cfg.model.lr}, "
+        f"trainer.precision={precision} and "
+        f"trainer.gradient_clip_val={cfg.trainer.get('gradient_clip_val')}: "
+        f"{', '.join(fixes[:-1]) + ' or ' if len(fixes) > 1 else ''}{fixes[-1]}, and start "
+        f"again. {kept}"
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
