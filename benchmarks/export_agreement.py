@@ -4,7 +4,7 @@ The checkpoint is exported as a Hugging Face directory and as ONNX (``qa_lightni
 Then, for every validation question: ``predict``'s best answer (PyTorch, the directory); the
 ONNX model's best answer and the largest |onnxruntime - PyTorch| start/end logit over all
 windows; and, where a transformers with the ``question-answering`` pipeline is at hand
-(transformers < 5, in this interpreter or in ``--pipeline-python``), the pipeline's best answer,
+(transformers < 5, installed here or in ``--transformers4``), the pipeline's best answer,
 with ``predict``'s windowing and answer length, with and without its word alignment. Agreement is
 also split between questions of one window and of several.
 
@@ -15,6 +15,7 @@ also split between questions of one window and of several.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,8 +31,8 @@ from qa_lightning.data.windowing import make_eval_windows
 from qa_lightning.export import export_onnx, load_checkpoint, save_hf
 from qa_lightning.inference import OnnxLogits, QuestionAnswerer, TorchLogits
 
-#: Runs the pipeline over a jsonl of questions (no qa_lightning import: it may be another
-#: interpreter with another transformers). argv: model dir, questions, answers, settings json.
+#: Runs the pipeline over a jsonl of questions (no qa_lightning import: it runs with a
+#: transformers 4 folder first on its path). argv: model dir, questions, answers, settings json.
 PIPELINE_SCRIPT = """
 import json, sys
 import transformers
@@ -72,13 +73,19 @@ def best_texts(answerer: QuestionAnswerer, questions: list[str], contexts: list[
     return [a[0].text if a else "" for a in answerer.answer(questions, contexts, progress=True)]
 
 
-def pipeline_answers(python: str, model_dir: Path, rows: list[dict], settings: dict) -> list[dict]:
-    """The pipeline's best answers, with and without word alignment, run by ``python``."""
+def pipeline_answers(
+    path: str | None, model_dir: Path, rows: list[dict], settings: dict
+) -> list[dict]:
+    """The pipeline's best answers, with and without word alignment, run in a process with
+    ``path`` (a folder holding transformers < 5) first on its ``PYTHONPATH``."""
     with tempfile.TemporaryDirectory() as tmp:
         questions, answers = Path(tmp) / "questions.jsonl", Path(tmp) / "answers.jsonl"
         questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        command = [python, "-c", PIPELINE_SCRIPT, str(model_dir), str(questions), str(answers)]
-        subprocess.run([*command, json.dumps(settings)], check=True)
+        command = [sys.executable, "-c", PIPELINE_SCRIPT, str(model_dir), str(questions)]
+        env = dict(os.environ)
+        if path:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, env.get("PYTHONPATH")]))
+        subprocess.run([*command, str(answers), json.dumps(settings)], check=True, env=env)
         return [json.loads(line) for line in answers.read_text().splitlines()]
 
 
@@ -100,10 +107,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="questions (default: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--pipeline-python",
+        "--transformers4",
         default=None,
-        help="a Python with transformers < 5 (default: this one, if its transformers has the "
-        "question-answering pipeline)",
+        help="a folder with transformers < 5 installed (pip install --target DIR), for the "
+        "question-answering pipeline",
     )
     args = parser.parse_args()
     if args.quick:
@@ -143,14 +150,13 @@ def main() -> None:
                 for n, m in masks.items()
             ],
         ]
-        python = args.pipeline_python or (sys.executable if has_qa_pipeline() else None)
-        if python is None:
+        if not (args.transformers4 or has_qa_pipeline()):
             rows.append(["pipeline", "not run: this transformers has no QA pipeline", ">= 99%"])
         else:
             rows_in = [
                 {"question": q, "context": c} for q, c in zip(questions, contexts, strict=True)
             ]
-            for run in pipeline_answers(python, hf_dir, rows_in, asdict(settings)):
+            for run in pipeline_answers(args.transformers4, hf_dir, rows_in, asdict(settings)):
                 label = (
                     f"pipeline (transformers {run['transformers']}, "
                     f"align_to_words={run['align_to_words']})"
