@@ -6,6 +6,13 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
+# transformers 4 in a folder of its own, for its question-answering pipeline (gone from
+# transformers 5): tests/test_export.py and benchmarks/export_agreement.py run it with this
+# folder first on PYTHONPATH, in a separate process
+T4 := $(VENV)/transformers4
+T4_PACKAGES := transformers==4.57.1 huggingface_hub==0.36.2 tokenizers==0.22.2 \
+	requests urllib3 idna certifi charset_normalizer
+
 .PHONY: setup demo test test-all lint bench
 
 $(VENV)/.installed: pyproject.toml
@@ -15,7 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+$(T4)/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --upgrade --target $(T4) $(T4_PACKAGES)
+	touch $@
+
+setup: $(VENV)/.installed $(T4)/.installed
 
 demo: setup
 	$(PY) -m qa_lightning.train experiment=demo

@@ -10,9 +10,13 @@ tokenisation is not timed (see preprocess.py).
 Post-processing alone is timed on the same logits (the reference's padded windows) for both, and
 their predicted texts must agree on every question. With MiniLM the QA head is untrained, so
 "own logits" agreement is low: padding tokens then get high logits that take n-best slots in the
-reference's padded windows. Pass a fine-tuned model directory with --model for realistic answers.
+reference's padded windows. Pass a fine-tuned model directory with --model for realistic answers
+(and meaningful EM/F1, printed for each side).
 
-    python benchmarks/eval_throughput.py [--limit N] [--repeats 1] [--quick]
+On a CPU with native bf16 (``avx512_bf16`` / ``amx_bf16``) the project is also timed with
+``bf16-mixed`` (``trainer=cpu_bf16``), against the same fp32 reference.
+
+    python benchmarks/eval_throughput.py [--model DIR] [--limit N] [--repeats 1] [--quick]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from qa_lightning.data import SquadDataModule
 from qa_lightning.data.windowing import NO_OFFSET
+from qa_lightning.hardware import cpu_supports_bf16
 from qa_lightning.metrics import squad_v1_scores
 from qa_lightning.model import QAModule
 from qa_lightning.postprocess import best_window_spans, example_answers, window_rows
@@ -53,18 +58,33 @@ def reference_logits(
 
 def reference_evaluate(
     model, examples, features, batch_size: int
-) -> tuple[dict[str, str], tuple[np.ndarray, np.ndarray]]:
-    """Predict, post-process, score (the recipe's ``Trainer.evaluate``): predictions, logits."""
+) -> tuple[dict[str, str], dict[str, float], tuple[np.ndarray, np.ndarray]]:
+    """Predict, post-process, score (the recipe's ``Trainer.evaluate``): predictions, EM/F1,
+    logits."""
     logits = reference_logits(model.eval(), features, batch_size)
     predictions = postprocess_qa_predictions(examples, features, logits, N_BEST, MAX_ANSWER_LENGTH)
     answers = zip(examples["id"], examples["answers"], strict=True)
-    squad_v1_scores(predictions, {qid: a["text"] for qid, a in answers})
-    return predictions, logits
+    scores = squad_v1_scores(predictions, {qid: a["text"] for qid, a in answers})
+    return predictions, scores, logits
 
 
-def project_evaluate(trainer: L.Trainer, module: QAModule, datamodule: SquadDataModule) -> dict:
+def project_evaluate(
+    trainer: L.Trainer, module: QAModule, datamodule: SquadDataModule
+) -> tuple[dict[str, str], dict[str, float]]:
     trainer.validate(module, datamodule=datamodule, verbose=False)
-    return module.last_predictions
+    return module.last_predictions, module.last_scores
+
+
+def cpu_trainer(precision: str) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
 
 
 def project_postprocess(examples, index, start_logits, end_logits, offsets) -> dict[str, str]:
@@ -115,24 +135,22 @@ def main() -> None:
     features = map_features(datamodule.tokenizer, examples, train=False)
     module = QAModule(path, n_best=N_BEST, max_answer_length=MAX_ANSWER_LENGTH)
     model = module.model  # the same weights on both sides
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainers = {"32-true": cpu_trainer("32-true")}
+    if cpu_supports_bf16():
+        trainers["bf16-mixed"] = cpu_trainer("bf16-mixed")
     reference_logits(model.eval(), features.select(range(1)), 1)  # warm-up
-    reference_s = project_s = float("inf")
+    reference_s, project_s = float("inf"), dict.fromkeys(trainers, float("inf"))
+    project, project_scores = {}, {}
     for _ in range(args.repeats):
-        (reference, (start_logits, end_logits)), seconds = common.timed(
+        (reference, reference_scores, (start_logits, end_logits)), seconds = common.timed(
             reference_evaluate, model, examples, features, args.batch_size
         )
         reference_s = min(reference_s, seconds)
-        project, seconds = common.timed(project_evaluate, trainer, module, datamodule)
-        project_s = min(project_s, seconds)
+        for precision, trainer in trainers.items():
+            (project[precision], project_scores[precision]), seconds = common.timed(
+                project_evaluate, trainer, module, datamodule
+            )
+            project_s[precision] = min(project_s[precision], seconds)
 
     index, offsets = project_inputs(examples, features)
     repeats = max(3, args.repeats)
@@ -150,19 +168,32 @@ def main() -> None:
     )
 
     questions = len(examples)
-    e2e, post = reference_s / project_s, reference_post_s / project_post_s
+    e2e, post = reference_s / project_s["32-true"], reference_post_s / project_post_s
     same = agreement(same_reference, same_project)
     rows: list[list[Any]] = [
         ["windows", len(features), len(datamodule.val_windows), "", "", ""],
         [
             "inference + post-processing + EM/F1, s",
             reference_s,
-            project_s,
+            project_s["32-true"],
             e2e,
             ">= 2.5x",
             common.verdict(e2e, 2.5),
         ],
-        ["questions/s", questions / reference_s, questions / project_s, e2e, "", ""],
+        ["questions/s", questions / reference_s, questions / project_s["32-true"], e2e, "", ""],
+        *[
+            [
+                f"EM / F1 ({precision})",
+                f"{reference_scores['em']:.2f} / {reference_scores['f1']:.2f}"
+                if precision == "32-true"
+                else "",
+                f"{scores['em']:.2f} / {scores['f1']:.2f}",
+                "",
+                "",
+                "",
+            ]
+            for precision, scores in project_scores.items()
+        ],
         [
             "post-processing alone (same logits), s",
             reference_post_s,
@@ -179,8 +210,28 @@ def main() -> None:
             "100",
             common.verdict(same, 100),
         ],
-        ["identical predicted text (own logits), %", "", "", agreement(reference, project), "", ""],
+        [
+            "identical predicted text (own logits), %",
+            "",
+            "",
+            agreement(reference, project["32-true"]),
+            "",
+            "",
+        ],
     ]
+    if "bf16-mixed" in project_s:
+        bf16 = reference_s / project_s["bf16-mixed"]
+        rows += [
+            ["same, project bf16-mixed, s", reference_s, project_s["bf16-mixed"], bf16, "", ""],
+            [
+                "identical text, bf16 vs fp32 project, %",
+                "",
+                "",
+                agreement(project["32-true"], project["bf16-mixed"]),
+                "",
+                "",
+            ],
+        ]
     common.print_table(
         f"Evaluation, {common.model_name(path)} fp32, {questions} validation questions, "
         f"batch {args.batch_size} ({common.machine()})",

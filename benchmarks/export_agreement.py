@@ -3,21 +3,16 @@
 The checkpoint is exported as a Hugging Face directory and as ONNX (``qa_lightning.export``).
 Then, for every validation question: ``predict``'s best answer (PyTorch, the directory); the
 ONNX model's best answer and the largest |onnxruntime - PyTorch| start/end logit over all
-windows; and, where a transformers with the ``question-answering`` pipeline is at hand
-(transformers < 5, installed here or in ``--transformers4``), the pipeline's best answer,
-with ``predict``'s windowing and answer length, with and without its word alignment. Agreement is
-also split between questions of one window and of several.
+windows; and the ``question-answering`` pipeline's best answer (transformers 4, see
+``qa_pipeline.py``), with ``predict``'s windowing and answer length, with and without its word
+alignment. Agreement is also split between questions of one window and of several.
 
     python benchmarks/export_agreement.py --ckpt RUN/checkpoints/best-....ckpt \
-        [--limit N] [--pipeline-python PY]
+        [--limit N] [--transformers4 DIR]
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -25,33 +20,12 @@ from typing import Any
 
 import common
 import torch
+from qa_pipeline import TRANSFORMERS4, pipeline_answers
 
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_eval_windows
 from qa_lightning.export import export_onnx, load_checkpoint, save_hf
 from qa_lightning.inference import OnnxLogits, QuestionAnswerer, TorchLogits
-
-#: Runs the pipeline over a jsonl of questions (no qa_lightning import: it runs with a
-#: transformers 4 folder first on its path). argv: model dir, questions, answers, settings json.
-PIPELINE_SCRIPT = """
-import json, sys
-import transformers
-model_dir, questions, answers, settings = sys.argv[1:]
-settings = json.loads(settings)
-pipe = transformers.pipeline("question-answering", model=model_dir, device="cpu")
-rows = [json.loads(line) for line in open(questions)]
-with open(answers, "w") as out:
-    for align in (True, False):
-        texts = []
-        for row in rows:
-            result = pipe(question=row["question"], context=row["context"],
-                          max_seq_len=settings["max_length"], doc_stride=settings["stride"],
-                          max_question_len=settings["max_question_tokens"],
-                          max_answer_len=settings["max_answer_length"], align_to_words=align)
-            texts.append(result["answer"])
-        out.write(json.dumps({"align_to_words": align, "answers": texts,
-                              "transformers": transformers.__version__}) + "\\n")
-"""
 
 
 class ComparedLogits:
@@ -73,28 +47,6 @@ def best_texts(answerer: QuestionAnswerer, questions: list[str], contexts: list[
     return [a[0].text if a else "" for a in answerer.answer(questions, contexts, progress=True)]
 
 
-def pipeline_answers(
-    path: str | None, model_dir: Path, rows: list[dict], settings: dict
-) -> list[dict]:
-    """The pipeline's best answers, with and without word alignment, run in a process with
-    ``path`` (a folder holding transformers < 5) first on its ``PYTHONPATH``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        questions, answers = Path(tmp) / "questions.jsonl", Path(tmp) / "answers.jsonl"
-        questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        command = [sys.executable, "-c", PIPELINE_SCRIPT, str(model_dir), str(questions)]
-        env = dict(os.environ)
-        if path:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, env.get("PYTHONPATH")]))
-        subprocess.run([*command, str(answers), json.dumps(settings)], check=True, env=env)
-        return [json.loads(line) for line in answers.read_text().splitlines()]
-
-
-def has_qa_pipeline() -> bool:
-    from transformers.pipelines import SUPPORTED_TASKS
-
-    return "question-answering" in SUPPORTED_TASKS
-
-
 def agreement(a: list[str], b: list[str], mask: list[bool]) -> str:
     same = sum(x == y for x, y, m in zip(a, b, mask, strict=True) if m)
     total = sum(mask)
@@ -108,9 +60,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--transformers4",
-        default=None,
+        type=Path,
+        default=TRANSFORMERS4,
         help="a folder with transformers < 5 installed (pip install --target DIR), for the "
-        "question-answering pipeline",
+        f"question-answering pipeline (default: {TRANSFORMERS4})",
     )
     args = parser.parse_args()
     if args.quick:
@@ -150,13 +103,13 @@ def main() -> None:
                 for n, m in masks.items()
             ],
         ]
-        if not (args.transformers4 or has_qa_pipeline()):
-            rows.append(["pipeline", "not run: this transformers has no QA pipeline", ">= 99%"])
+        if not args.transformers4.is_dir():
+            rows.append(["pipeline", f"not run: no {args.transformers4} (make setup)", ">= 99%"])
         else:
             rows_in = [
                 {"question": q, "context": c} for q, c in zip(questions, contexts, strict=True)
             ]
-            for run in pipeline_answers(args.transformers4, hf_dir, rows_in, asdict(settings)):
+            for run in pipeline_answers(hf_dir, rows_in, asdict(settings), args.transformers4):
                 label = (
                     f"pipeline (transformers {run['transformers']}, "
                     f"align_to_words={run['align_to_words']})"

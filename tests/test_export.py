@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from qa_pipeline import TRANSFORMERS4, pipeline_answers  # benchmarks/ (pytest's pythonpath)
 from safetensors.torch import load_file
 
 from qa_lightning.config import resource_path
@@ -76,45 +78,36 @@ def test_predict_on_the_exported_model_gives_the_training_answers(trained, valid
 def test_question_answering_pipeline_loads_the_exported_model(trained, validation) -> None:
     """The transformers 4 pipeline (transformers 5 removed it) loads ``hf_model/``.
 
-    Its best answers match predict's where its decoding is the same as ours: one window and no
-    word alignment. It differs by design elsewhere: with ``align_to_words`` (its default) it widens
-    spans to whole words and sums the probabilities of candidates with the same text, and it
-    compares windows by per-window probabilities instead of logits, which changes answers when
-    logits are flat (the tiny model's).
+    It runs in its own process with ``make test``'s transformers 4 folder on its path. Its best
+    answers match predict's where its decoding is the same as ours: one window and no word
+    alignment. It differs by design elsewhere: with ``align_to_words`` (its default) it widens
+    spans to whole words, and it compares windows by per-window probabilities instead of logits,
+    which changes answers when logits are flat (the tiny model's).
     """
-    transformers = pytest.importorskip("transformers")
-    from transformers.pipelines import SUPPORTED_TASKS
-
-    if "question-answering" not in SUPPORTED_TASKS:
-        pytest.skip(f"transformers {transformers.__version__} has no question-answering pipeline")
+    if not TRANSFORMERS4.is_dir():
+        pytest.fail(f"{TRANSFORMERS4} is missing: `make setup` installs transformers 4 there")
     hf_model = trained["run_dir"] / "hf_model"
     settings = InferenceSettings.from_dir(hf_model)
-    pipe = transformers.pipeline("question-answering", model=str(hf_model), device="cpu")
     answerer = QuestionAnswerer.from_model_dir(hf_model, device="cpu")
     ours = best_answers(answerer.answer(validation["question"], validation["context"]))
+    rows = [
+        {"question": q, "context": c}
+        for q, c in zip(validation["question"], validation["context"], strict=True)
+    ]
+    runs = {
+        run["align_to_words"]: run for run in pipeline_answers(hf_model, rows, asdict(settings))
+    }
+    assert runs[True]["transformers"].startswith("4.")
     single_window = [
         len(answerer.tokenizer(q, c)["input_ids"]) <= settings.max_length
         for q, c in zip(validation["question"], validation["context"], strict=True)
     ]
-    same, compared = 0, 0
-    for question, context, answer, single in zip(
-        validation["question"], validation["context"], ours, single_window, strict=True
-    ):
-        if not single:
-            continue
-        result = pipe(
-            question=question,
-            context=context,
-            max_seq_len=settings.max_length,
-            doc_stride=settings.stride,
-            max_question_len=settings.max_question_tokens,
-            max_answer_len=settings.max_answer_length,
-            align_to_words=False,
-        )
-        compared += 1
-        same += result["answer"] == answer
-    assert compared >= 20
-    assert same / compared >= 0.99, f"{same}/{compared}"
+    compared = [
+        (a, b) for a, b, one in zip(runs[False]["answers"], ours, single_window, strict=True) if one
+    ]
+    same = sum(a == b for a, b in compared)
+    assert len(compared) >= 20
+    assert same / len(compared) >= 0.99, f"{same}/{len(compared)}"
 
 
 def test_onnx_export_matches_torch_and_predicts_the_same_answers(
