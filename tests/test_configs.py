@@ -6,6 +6,7 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
+from qa_lightning import config
 from qa_lightning.config import validate_train_config
 from qa_lightning.errors import ConfigError
 from tests.conftest import CONF_DIR
@@ -56,6 +57,15 @@ def test_defaults_match_the_reference_recipe(compose_train) -> None:
 
 def test_cpu_trainer_is_fp32(compose_train) -> None:
     assert compose_train(["trainer=cpu"]).trainer.precision == "32-true"
+
+
+@pytest.mark.parametrize(("native_bf16", "precision"), [(True, "bf16-mixed"), (False, "32-true")])
+def test_default_trainer_on_a_cpu_uses_bf16_only_where_native(
+    compose_train, monkeypatch, native_bf16: bool, precision: str
+) -> None:
+    monkeypatch.setattr(config.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(config, "cpu_supports_bf16", lambda: native_bf16)
+    assert compose_train().trainer.precision == precision
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qa_lightning.errors import ConfigError
+from qa_lightning.hardware import cpu_supports_bf16
 
 #: Special tokens a (question, context) pair adds at most (RoBERTa: <s> q </s></s> c </s>).
 PAIR_SPECIAL_TOKENS = 4
@@ -33,10 +34,12 @@ def resource_path(name: str) -> str:
 
 
 def auto_precision() -> str:
-    """``bf16-mixed`` on GPUs that support it, ``16-mixed`` on other GPUs, fp32 on CPU."""
+    """``bf16-mixed`` on GPUs that support it, ``16-mixed`` on other GPUs; on the CPU
+    ``bf16-mixed`` where it computes bf16 natively (same F1 as fp32 within 0.2 on the shared
+    split, faster: see README), else fp32."""
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
 def register_resolvers() -> None:
