@@ -5,38 +5,37 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 
-from qa_lightning.config import minilm_path
 from qa_lightning.model import QAModule
 
-TINY = {
-    "num_hidden_layers": 2,
-    "hidden_size": 32,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-}
 
+@pytest.fixture
+def configured(compose_train):
+    """The tiny model's QAModule (``conf/model/tiny.yaml``) on a CPU trainer, and its AdamW."""
 
-def configured(fused_optimizer: bool | None) -> tuple[QAModule, torch.optim.Optimizer, object]:
-    module = QAModule(
-        minilm_path(), from_scratch=True, config_overrides=TINY, fused_optimizer=fused_optimizer
-    )
-    module.trainer = L.Trainer(
-        accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False
-    )
-    config = module.configure_optimizers()
-    return module, config["optimizer"], config["lr_scheduler"]["scheduler"]
+    def _configured(fused_optimizer: bool | None) -> tuple[QAModule, torch.optim.Optimizer]:
+        model_cfg = compose_train(["model=tiny"]).model
+        module = instantiate(model_cfg, fused_optimizer=fused_optimizer)
+        module.trainer = L.Trainer(
+            accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False
+        )
+        return module, module.configure_optimizers()["optimizer"]
+
+    return _configured
 
 
 @pytest.mark.parametrize(("setting", "fused"), [(None, True), (True, True), (False, False)])
-def test_adamw_is_fused_on_cpu_unless_switched_off(setting: bool | None, fused: bool) -> None:
-    _, optimizer, _ = configured(setting)
+def test_adamw_is_fused_on_cpu_unless_switched_off(
+    configured, setting: bool | None, fused: bool
+) -> None:
+    _, optimizer = configured(setting)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert bool(optimizer.defaults["fused"]) is fused
 
 
-def test_no_weight_decay_on_biases_and_layer_norms() -> None:
-    module, optimizer, _ = configured(None)
+def test_no_weight_decay_on_biases_and_layer_norms(configured) -> None:
+    module, optimizer = configured(None)
     decay, no_decay = optimizer.param_groups
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
     names = {id(p): n for n, p in module.model.named_parameters()}
@@ -47,11 +46,11 @@ def test_no_weight_decay_on_biases_and_layer_norms() -> None:
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
 
 
-def test_fused_step_matches_the_unfused_update() -> None:
+def test_fused_step_matches_the_unfused_update(configured) -> None:
     """One fused step gives the same weights as the per-tensor AdamW step, to rounding."""
     torch.manual_seed(0)
-    fused_module, fused, _ = configured(None)
-    plain_module, plain, _ = configured(False)
+    fused_module, fused = configured(None)
+    plain_module, plain = configured(False)
     plain_module.model.load_state_dict(fused_module.model.state_dict())
     before = [p.detach().clone() for p in fused_module.parameters()]
     for a, b in zip(fused_module.parameters(), plain_module.parameters(), strict=True):
