@@ -88,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = save_hf(exported, Path(tmp) / "hf_model")
         onnx_path = export_onnx(exported, Path(tmp) / "onnx_model")
-        predict = QuestionAnswerer.from_model_dir(hf_dir, "cpu", args.batch_size)
+        predict = QuestionAnswerer.from_model_dir(hf_dir, "cpu", args.batch_size, "32-true")
         ours = best_texts(predict, questions, contexts)
         compared = ComparedLogits(OnnxLogits(onnx_path), predict.logits_fn)
         onnx = best_texts(

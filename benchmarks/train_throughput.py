@@ -8,7 +8,10 @@ turns step by step (after warm-up steps), so that changes in machine load hit th
 "tokens/window" counts padding: over the timed steps, and over a whole epoch of each loader (to
 judge whether the timed steps were typical).
 
-    python benchmarks/train_throughput.py [--steps 30] [--warmup 3] [--quick]
+With ``--epoch`` each configuration is timed for as many steps as an epoch has batches (after the
+warm-up steps), so that the timed windows have an epoch's length mix (~30 min on 2 cores).
+
+    python benchmarks/train_throughput.py [--steps 30 | --epoch] [--warmup 3] [--quick]
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--samples", type=int, default=2000, help="questions of the train file")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--epoch", action="store_true", help="time an epoch's number of steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
@@ -89,6 +93,8 @@ def main() -> None:
             BASELINE: baseline_loader(load_tokenizer(path), args.samples, args.batch_size),
             **project_loaders(path, args.samples, args.batch_size, cache_dir),
         }
+        if args.epoch:
+            args.steps = len(loaders[BASELINE])
         seconds, windows, tokens = measure(path, loaders, args.warmup, args.steps)
         counts = {name: len(loader.dataset) for name, loader in loaders.items()}
         epoch_tokens = {name: epoch_tokens_per_window(loader) for name, loader in loaders.items()}

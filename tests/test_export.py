@@ -69,7 +69,9 @@ def test_training_writes_the_best_checkpoint_as_a_hf_directory(trained) -> None:
 
 def test_predict_on_the_exported_model_gives_the_training_answers(trained, validation) -> None:
     predictions = json.loads((trained["run_dir"] / "predictions.json").read_text())
-    answerer = QuestionAnswerer.from_model_dir(trained["run_dir"] / "hf_model", device="cpu")
+    answerer = QuestionAnswerer.from_model_dir(
+        trained["run_dir"] / "hf_model", device="cpu", precision="32-true"
+    )
     answers = best_answers(answerer.answer(validation["question"], validation["context"]))
     same = sum(predictions[qid] == a for qid, a in zip(validation["id"], answers, strict=True))
     assert same / len(answers) >= 0.99, f"{same}/{len(answers)}"
@@ -88,7 +90,7 @@ def test_question_answering_pipeline_loads_the_exported_model(trained, validatio
         pytest.fail(f"{TRANSFORMERS4} is missing: `make setup` installs transformers 4 there")
     hf_model = trained["run_dir"] / "hf_model"
     settings = InferenceSettings.from_dir(hf_model)
-    answerer = QuestionAnswerer.from_model_dir(hf_model, device="cpu")
+    answerer = QuestionAnswerer.from_model_dir(hf_model, device="cpu", precision="32-true")
     ours = best_answers(answerer.answer(validation["question"], validation["context"]))
     rows = [
         {"question": q, "context": c}
@@ -128,9 +130,9 @@ def test_onnx_export_matches_torch_and_predicts_the_same_answers(
     assert (out_dir / "model.onnx").is_file() and (out_dir / "tokenizer.json").is_file()
 
     questions, contexts = validation["question"], validation["context"]
-    torch_answers = QuestionAnswerer.from_model_dir(trained["hf_model"], device="cpu").answer(
-        questions, contexts, top_k=3
-    )
+    torch_answers = QuestionAnswerer.from_model_dir(
+        trained["hf_model"], device="cpu", precision="32-true"
+    ).answer(questions, contexts, top_k=3)
     onnx_answers = QuestionAnswerer.from_onnx(out_dir / "model.onnx").answer(
         questions, contexts, top_k=3
     )

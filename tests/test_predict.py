@@ -17,6 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from qa_lightning import config
 from qa_lightning.cli import report_errors
 from qa_lightning.config import minilm_path, resource_path
 from qa_lightning.data.loading import load_local_file
@@ -27,8 +28,10 @@ from qa_lightning.inference import (
     InferenceSettings,
     InputError,
     QuestionAnswerer,
+    TorchLogits,
     rank_answers,
     read_question_lines,
+    resolve_precision,
 )
 from qa_lightning.postprocess import best_example_spans, best_window_spans
 from qa_lightning.predict import predict
@@ -54,7 +57,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def answerer(model_dir: Path) -> QuestionAnswerer:
-    return QuestionAnswerer.from_model_dir(model_dir, device="cpu", batch_size=8)
+    return QuestionAnswerer.from_model_dir(
+        model_dir, device="cpu", batch_size=8, precision="32-true"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +213,55 @@ def test_long_context_is_windowed_like_evaluation(answerer, tokenizer, validatio
 
 def test_answers_do_not_depend_on_batching(model_dir: Path, validation) -> None:
     questions, contexts = validation["question"][:10], validation["context"][:10]
-    one = QuestionAnswerer.from_model_dir(model_dir, device="cpu", batch_size=1)
-    many = QuestionAnswerer.from_model_dir(model_dir, device="cpu", batch_size=7)
+    one = QuestionAnswerer.from_model_dir(
+        model_dir, device="cpu", batch_size=1, precision="32-true"
+    )
+    many = QuestionAnswerer.from_model_dir(
+        model_dir, device="cpu", batch_size=7, precision="32-true"
+    )
     for a, b in zip(
         one.answer(questions, contexts, 3), many.answer(questions, contexts, 3), strict=True
     ):
         assert [(x.start, x.end) for x in a] == [(x.start, x.end) for x in b]
         assert [x.score for x in a] == pytest.approx([x.score for x in b], abs=1e-5)
+
+
+def test_windows_of_different_candidate_counts_are_ranked_per_question(model_dir: Path) -> None:
+    """n_best=100: a 1-word context's window (8 tokens) has 64 candidate spans, a longer one 100;
+    batches sorted by length hold one or the other, and each question gets its own spans."""
+    questions, contexts = ["Who?", QUESTION, "Who?"], ["Me.", CONTEXT, "Them."]
+    answers = [
+        QuestionAnswerer.from_model_dir(model_dir, "cpu", batch_size, "32-true", n_best=100).answer(
+            questions, contexts, top_k=100
+        )
+        for batch_size in (1, 3)
+    ]
+    for one, together in zip(*answers, strict=True):
+        assert [(a.start, a.end) for a in one] == [(a.start, a.end) for a in together]
+    for context, ranked in zip(contexts, answers[0], strict=True):
+        assert ranked and all(context[a.start : a.end] == a.text for a in ranked)
+    assert {a.text for a in answers[0][0]} <= {"Me", "Me.", "."}
+    assert len(answers[0][1]) > len(answers[0][0])
+
+
+@pytest.mark.parametrize(("native_bf16", "expected"), [(True, "bf16-mixed"), (False, "32-true")])
+def test_precision_auto_is_trainings_default_on_the_cpu(monkeypatch, native_bf16, expected):
+    monkeypatch.setattr(config, "cpu_supports_bf16", lambda: native_bf16)
+    assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("32-true", "cpu") == "32-true"
+
+
+def test_bf16_logits_are_close_to_fp32_but_computed_in_bf16(answerer, tokenizer, validation):
+    questions, contexts = validation["question"][:8], validation["context"][:8]
+    windows = make_eval_windows(tokenizer, questions, contexts, 128, 32)
+    keys = [k for k in windows if k != "length"]
+    batch = answerer.collator([{k: windows[k][i] for k in keys} for i in range(8)])
+    fp32 = answerer.logits_fn(batch)  # the fixture runs in 32-true
+    bf16 = TorchLogits(answerer.logits_fn.model, "cpu", "bf16-mixed")(batch)
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b.dtype == torch.float32  # returned as fp32 for post-processing
+        difference = (a - b).abs().max().item()
+        assert 0 < difference < 0.05 * a.abs().max().item()  # bf16 rounding: not 0, and small
 
 
 def test_rank_answers_merges_spans_of_overlapping_windows() -> None:
@@ -256,6 +303,11 @@ def test_empty_inputs_are_clear_errors(answerer) -> None:
         ),
         (["question=Who?", "context=Me.", "backend=tf"], "backend='tf'"),
         (["question=Who?", "context=Me.", "top_k=0"], "top_k=0"),
+        (["question=Who?", "context=Me.", "model_dir=MODEL", "precision=fp8"], "precision='fp8'"),
+        (
+            ["question=Who?", "context=Me.", "backend=onnx", "precision=bf16-mixed"],
+            "precision='bf16-mixed' with backend=onnx",
+        ),
         (
             ["question=Who?", "context=Me.", "stride=100", "model_dir=MODEL"],
             "invalid setting stride=100",
@@ -281,9 +333,9 @@ def test_onnx_backend_gives_the_torch_answers(model_dir: Path, tmp_path: Path, v
     onnx_path = export_onnx(exported, tmp_path / "onnx_model")
     assert onnx_max_abs_diff(exported, onnx_path) < 1e-4
     questions, contexts = validation["question"], validation["context"]
-    torch_answers = QuestionAnswerer.from_model_dir(model_dir, device="cpu").answer(
-        questions, contexts, 3
-    )
+    torch_answers = QuestionAnswerer.from_model_dir(
+        model_dir, device="cpu", precision="32-true"
+    ).answer(questions, contexts, 3)
     onnx_answers = QuestionAnswerer.from_onnx(onnx_path).answer(questions, contexts, 3)
     for t, o in zip(torch_answers, onnx_answers, strict=True):
         assert [(a.text, a.start, a.end) for a in t] == [(a.text, a.start, a.end) for a in o]

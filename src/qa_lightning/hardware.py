@@ -45,15 +45,23 @@ def _torch_detects_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def cpu_bf16_warning(accelerator: str, precision: str | int | None) -> str | None:
-    """The warning for a bf16 precision run on a CPU without native bf16, else ``None``."""
+def cpu_bf16_warning(
+    accelerator: str,
+    precision: str | int | None,
+    key: str = "trainer.precision",
+    fp32: str = "trainer=cpu (precision 32-true)",
+) -> str | None:
+    """The warning for a bf16 precision run on a CPU without native bf16, else ``None``.
+
+    ``key`` names the setting and ``fp32`` the override that runs in fp32 instead.
+    """
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if not on_cpu or not str(precision).startswith("bf16") or cpu_supports_bf16():
         return None
     return (
-        f"trainer.precision={precision} on a CPU without native bf16 (no avx512_bf16 or amx_bf16 "
-        "flag in /proc/cpuinfo): PyTorch emulates bf16 here, so training is slower than fp32, "
-        "not faster (measure it with python benchmarks/bf16_cpu.py). Use trainer=cpu "
-        "(precision 32-true) on this machine; trainer=cpu_bf16 pays off on CPUs with AVX512-BF16 "
-        "or AMX (Intel Xeon Cooper Lake / Sapphire Rapids or later, AMD Zen 4 or later)."
+        f"{key}={precision} on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag in "
+        "/proc/cpuinfo): PyTorch emulates bf16 here, so it runs slower than fp32, not faster "
+        f"(measure it with python benchmarks/bf16_cpu.py). Use {fp32} on this machine; bf16 "
+        "pays off on CPUs with AVX512-BF16 or AMX (Intel Xeon Cooper Lake / Sapphire Rapids or "
+        "later, AMD Zen 4 or later)."
     )

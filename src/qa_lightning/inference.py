@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qa_lightning.config import PAIR_SPECIAL_TOKENS
+from qa_lightning.config import PAIR_SPECIAL_TOKENS, auto_precision
 from qa_lightning.data.collate import MODEL_INPUTS, WindowCollator
 from qa_lightning.data.windowing import make_eval_windows, truncate_questions
 from qa_lightning.errors import ConfigError, InputError
+from qa_lightning.hardware import cpu_bf16_warning
 from qa_lightning.postprocess import best_window_spans
 from qa_lightning.tokenizer import load_tokenizer
 
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 #: File in an exported model directory holding the windowing and decoding it was trained with.
 SETTINGS_FILE = "qa_lightning.json"
 OUTPUT_NAMES = ("start_logits", "end_logits")
+#: Questions windowed together, in ``batch_size`` units: their windows are batched sorted by
+#: length (as evaluation does), so that short windows are not padded to long ones.
+CHUNK_BATCHES = 16
+#: ``precision`` of the PyTorch backend -> autocast dtype (``None``: fp32), as Lightning names them.
+AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -115,16 +121,21 @@ class LogitsFn(Protocol):
 
 
 class TorchLogits:
-    """An ``AutoModelForQuestionAnswering`` run with PyTorch."""
+    """An ``AutoModelForQuestionAnswering`` run with PyTorch, in fp32 or under autocast
+    (``precision``: a key of :data:`AUTOCAST_DTYPES`)."""
 
-    def __init__(self, model: torch.nn.Module, device: str = "cpu") -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: str = "cpu", precision: str = "32-true"
+    ) -> None:
         self.device = torch.device(device)
+        self.dtype = AUTOCAST_DTYPES[precision]
         self.model = model.to(self.device).eval()
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
-        outputs = self.model(**inputs)
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None):
+            outputs = self.model(**inputs)
         return outputs.start_logits.float().cpu(), outputs.end_logits.float().cpu()
 
 
@@ -181,6 +192,20 @@ def resolve_device(device: str) -> str:
             "device=cpu (or device=auto)."
         )
     return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: what training defaults to on ``device`` (bf16-mixed on GPUs and on CPUs with
+    native bf16, else fp32); other values are checked against :data:`AUTOCAST_DTYPES`."""
+    if precision == "auto":
+        return auto_precision(device)
+    if precision not in AUTOCAST_DTYPES:
+        raise ConfigError(
+            f"invalid config: precision={precision!r}; use auto, {', '.join(AUTOCAST_DTYPES)}."
+        )
+    if warning := cpu_bf16_warning(torch.device(device).type, precision, "precision", "32-true"):
+        log.warning(warning)
+    return precision
 
 
 def check_inputs(questions: Sequence[str], contexts: Sequence[str]) -> None:
@@ -265,9 +290,11 @@ class QuestionAnswerer:
         model_dir: str | Path,
         device: str = "auto",
         batch_size: int = 32,
+        precision: str = "auto",
         **settings: int | None,
     ) -> QuestionAnswerer:
-        """A Hugging Face model directory (e.g. a training run's ``hf_model/``) run with PyTorch.
+        """A Hugging Face model directory (e.g. a training run's ``hf_model/``) run with PyTorch
+        on ``device`` in ``precision`` (see :func:`resolve_precision`).
 
         ``settings`` that are ``None`` come from the directory's ``qa_lightning.json``.
         """
@@ -277,9 +304,11 @@ class QuestionAnswerer:
         _check_batch_size(batch_size)
         inference_settings = InferenceSettings.from_dir(model_dir).updated(**settings)
         device = resolve_device(device)  # all checks before the model is loaded
+        precision = resolve_precision(precision, device)
+        log.info("answering with PyTorch on %s in %s", device, precision)
         tokenizer = load_tokenizer(str(model_dir))
         model = load_qa_model(str(model_dir))
-        return cls(tokenizer, TorchLogits(model, device), inference_settings, batch_size)
+        return cls(tokenizer, TorchLogits(model, device, precision), inference_settings, batch_size)
 
     @classmethod
     def from_onnx(
@@ -324,8 +353,9 @@ class QuestionAnswerer:
         with tqdm(
             total=len(questions), unit="question", desc="answering", disable=not progress
         ) as bar:
-            for first in range(0, len(questions), self.batch_size):
-                chunk = slice(first, first + self.batch_size)
+            size = self.batch_size * CHUNK_BATCHES
+            for first in range(0, len(questions), size):
+                chunk = slice(first, first + size)
                 answers.extend(self._answer_chunk(questions[chunk], contexts[chunk], top_k))
                 bar.update(len(questions[chunk]))
         return answers
@@ -342,41 +372,37 @@ class QuestionAnswerer:
                 s.max_question_tokens,
             )
         windows = make_eval_windows(self.tokenizer, questions, contexts, s.max_length, s.stride)
-        example_index, scores, start_chars, end_chars = [], [], [], []
-        for batch in self._batches(windows):
-            start_logits, end_logits = self.logits_fn(batch)
+        keys = [k for k in windows if k != "length"]
+        order = np.argsort(windows["length"], kind="stable")  # batches of similar lengths
+        window_of, candidates = [], []
+        for first in range(0, len(order), self.batch_size):
+            rows = order[first : first + self.batch_size]
+            batch = self.collator([{k: windows[k][i] for k in keys} for i in rows])
             spans = best_window_spans(
-                start_logits,
-                end_logits,
+                *self.logits_fn(batch),
                 batch["offset_mapping"],
                 s.n_best,
                 s.max_answer_length,
                 top_k=s.n_best,
             )
-            example_index.append(batch["example_index"][:, None].expand_as(spans.scores))
-            scores.append(spans.scores)
-            start_chars.append(spans.start_chars)
-            end_chars.append(spans.end_chars)
-        index = torch.cat(example_index).flatten().numpy()
-        flat = [torch.cat(t).flatten().numpy() for t in (scores, start_chars, end_chars)]
-        order = np.argsort(index, kind="stable")  # each question's candidates, in window order
-        bounds = np.searchsorted(index[order], np.arange(len(questions) + 1))
+            window_of.append(np.repeat(rows, spans.scores.shape[1]))
+            candidates.append(
+                [t.flatten().numpy() for t in (spans.scores, spans.start_chars, spans.end_chars)]
+            )
+        window = np.concatenate(window_of)
+        by_window = np.argsort(window, kind="stable")  # windows are in question order
+        index = np.asarray(windows["example_index"])[window[by_window]]
+        flat = [np.concatenate(parts)[by_window] for parts in zip(*candidates, strict=True)]
+        bounds = np.searchsorted(index, np.arange(len(questions) + 1))
         return [
             rank_answers(
                 contexts[i],
-                *(values[order[bounds[i] : bounds[i + 1]]] for values in flat),
+                *(values[bounds[i] : bounds[i + 1]] for values in flat),
                 n_best=s.n_best,
                 top_k=top_k,
             )
             for i in range(len(questions))
         ]
-
-    def _batches(self, windows: dict[str, list]) -> Iterator[dict[str, torch.Tensor]]:
-        keys = [k for k in windows if k != "length"]
-        count = len(windows["input_ids"])
-        for first in range(0, count, self.batch_size):
-            rows = range(first, min(first + self.batch_size, count))
-            yield self.collator([{k: windows[k][i] for k in keys} for i in rows])
 
 
 # -- question files ----------------------------------------------------------------------------

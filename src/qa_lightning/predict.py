@@ -38,9 +38,14 @@ def load_answerer(cfg: DictConfig) -> QuestionAnswerer:
                 "outputs/train/RUN/hf_model (or backend=onnx onnx_path=PATH)."
             )
         return QuestionAnswerer.from_model_dir(
-            cfg.model_dir, cfg.device, cfg.batch_size, **settings
+            cfg.model_dir, cfg.device, cfg.batch_size, cfg.precision, **settings
         )
     if cfg.backend == "onnx":
+        if cfg.precision not in ("auto", "32-true"):
+            raise ConfigError(
+                f"invalid config: precision={cfg.precision!r} with backend=onnx, which runs the "
+                "exported fp32 model; precision applies to backend=torch."
+            )
         if not cfg.get("onnx_path"):
             raise ConfigError(
                 "backend=onnx needs onnx_path=PATH, written by "
