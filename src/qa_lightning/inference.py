@@ -373,7 +373,9 @@ class QuestionAnswerer:
             )
         windows = make_eval_windows(self.tokenizer, questions, contexts, s.max_length, s.stride)
         keys = [k for k in windows if k != "length"]
-        order = np.argsort(windows["length"], kind="stable")  # batches of similar lengths
+        # batches of similar lengths, longest first as in evaluation (memory runs out, if it
+        # does, on the first batch)
+        order = np.argsort(-np.asarray(windows["length"]), kind="stable")
         window_of, candidates = [], []
         for first in range(0, len(order), self.batch_size):
             rows = order[first : first + self.batch_size]
