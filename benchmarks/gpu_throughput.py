@@ -5,10 +5,13 @@ Mixed precision (bf16 where supported, else fp16 with a grad scaler), SDPA atten
 optionally ``torch.compile``; configurations take turns step by step after warm-up. MFU counts the
 FLOPs of the padded batch (6 x matmul parameters x tokens + 12 x layers x hidden x length^2 per
 window) against the GPU's dense bf16/fp16 peak (``--peak-tflops`` to set it). Without CUDA it says
-so and exits 0. The default models need the Hugging Face hub; offline, pass directories:
+so and exits 0. The default models need the Hugging Face hub; offline, pass directories, and with
+``--from-scratch`` a directory needs only config.json and tokenizer files (random weights: the same
+speed as pretrained ones):
 
     python benchmarks/gpu_throughput.py [--model distilbert-base-uncased --model bert-base-cased]
-        [--precision bf16-mixed|16-mixed|32] [--compile] [--batch-size 32] [--steps 30] [--quick]
+        [--precision bf16-mixed|16-mixed|32] [--compile] [--from-scratch] [--batch-size 32]
+        [--steps 30] [--quick]
 """
 
 from __future__ import annotations
@@ -97,7 +100,9 @@ class Run:
     """One configuration: its model, fused AdamW, grad scaler (fp16) and batches."""
 
     def __init__(self, path: str, loader: DataLoader, args, device: torch.device) -> None:
-        self.model = load_qa_model(path, config_overrides={"attn_implementation": "sdpa"})
+        self.model = load_qa_model(
+            path, args.from_scratch, config_overrides={"attn_implementation": "sdpa"}
+        )
         self.model.to(device).train()
         if args.compile:
             self.model.forward = torch.compile(self.model.forward)
@@ -164,6 +169,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", help="name or directory (repeatable)")
     parser.add_argument("--precision", choices=["bf16-mixed", "16-mixed", "32"], default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    parser.add_argument("--from-scratch", action="store_true", help="random weights, from config")
     parser.add_argument("--no-fused", action="store_true", help="plain (not fused) AdamW")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2000, help="questions of the train file")
@@ -189,7 +195,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     common.print_table(
         f"GPU training throughput, {name}, {args.precision}, SDPA, "
-        f"{'plain' if args.no_fused else 'fused'} AdamW, compile={args.compile}, batch "
+        f"{'plain' if args.no_fused else 'fused'} AdamW, compile={args.compile}, "
+        f"{'random' if args.from_scratch else 'pretrained'} weights, batch "
         f"{args.batch_size}, max length 384, {args.samples} questions, {args.steps} timed steps",
         ["model", "configuration", "windows/s", "vs padded", "MFU"],
         rows,

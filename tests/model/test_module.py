@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from qa_lightning.model import QAModule
+from qa_lightning.model import QAModule, load_qa_model
 
 
 @pytest.fixture
@@ -61,3 +61,13 @@ def test_fused_step_matches_the_unfused_update(configured) -> None:
     for a, b, old in zip(fused_module.parameters(), plain_module.parameters(), before, strict=True):
         assert not torch.equal(a, old)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_half_precision_checkpoint_loads_as_fp32_master_weights(configured, tmp_path) -> None:
+    """A fp16 checkpoint (transformers 5 keeps its dtype) loads as fp32 weights, same values."""
+    module, _ = configured(None)
+    module.model.half().save_pretrained(tmp_path)
+    loaded = load_qa_model(str(tmp_path))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for a, b in zip(loaded.parameters(), module.model.parameters(), strict=True):
+        assert torch.equal(a, b.float())

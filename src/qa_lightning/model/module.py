@@ -35,14 +35,18 @@ def load_qa_model(
     name_or_path: str, from_scratch: bool = False, config_overrides: dict | None = None
 ) -> torch.nn.Module:
     """A pretrained QA model, or with ``from_scratch`` a randomly initialised one whose config is
-    ``name_or_path``'s updated with ``config_overrides`` (e.g. a 2-layer model for tests)."""
+    ``name_or_path``'s updated with ``config_overrides`` (e.g. a 2-layer model for tests).
+
+    Weights are fp32 whatever the checkpoint stores (transformers 5 keeps a fp16/bf16 checkpoint's
+    dtype): mixed precision trains fp32 master weights, and 16-mixed's grad scaler rejects fp16.
+    """
     try:
         if from_scratch:
             config = AutoConfig.from_pretrained(name_or_path, **(config_overrides or {}))
             return AutoModelForQuestionAnswering.from_config(config)
         return AutoModelForQuestionAnswering.from_pretrained(
             name_or_path, **(config_overrides or {})
-        )
+        ).float()
     except Exception as error:  # hub, file and config errors come in many types
         text = str(error).strip().splitlines()
         raise ConfigError(
