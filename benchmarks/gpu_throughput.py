@@ -2,7 +2,11 @@
 recipe) vs dynamic padding, alone and with length grouping, on the shared train sample.
 
 Mixed precision (bf16 where supported, else fp16 with a grad scaler), SDPA attention, fused AdamW,
-optionally ``torch.compile``; configurations take turns step by step after warm-up. MFU counts the
+optionally ``torch.compile``. Configurations take turns step by step (with ``--compile`` one after
+another, each compiling afresh: interleaved compiled copies of a model share dynamo's caches).
+Warm-up and timing default to an epoch each: the GPU builds kernels' plans and allocator blocks once
+per window length, and a dynamic configuration's first steps at new lengths ran ~2.5x slower than
+warm ones on an H100, so a few warm-up steps understate dynamic padding. MFU counts the
 FLOPs of the padded batch (6 x matmul parameters x tokens + 12 x layers x hidden x length^2 per
 window) against the GPU's dense bf16/fp16 peak (``--peak-tflops`` to set it). Without CUDA it says
 so and exits 0. The default models need the Hugging Face hub; offline, pass directories, and with
@@ -11,7 +15,7 @@ speed as pretrained ones):
 
     python benchmarks/gpu_throughput.py [--model distilbert-base-uncased --model bert-base-cased]
         [--precision bf16-mixed|16-mixed|32] [--compile] [--from-scratch] [--batch-size 32]
-        [--steps 30] [--quick]
+        [--steps N] [--warmup N] [--quick]
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ class Run:
             torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
+        self.loader = loader
         self.batches = common.forever(loader)
         self.device = device
 
@@ -143,17 +148,25 @@ def measure(path: str, args, device: torch.device) -> list[list]:
             name: Run(path, loader, args, device)
             for name, loader in loaders(path, args, cache_dir).items()
         }
+        epoch = max(len(run.loader) for run in runs.values())
+        warmup = epoch if args.warmup is None else args.warmup
+        total = warmup + (epoch if args.steps is None else args.steps)
+        if args.compile:
+            order = [(name, step) for name in runs for step in range(total)]
+        else:
+            order = [(name, step) for step in range(total) for name in runs]
         seconds = dict.fromkeys(runs, 0.0)
         windows = dict.fromkeys(runs, 0)
         flops = dict.fromkeys(runs, 0.0)
-        for step in range(args.warmup + args.steps):
-            for name, run in runs.items():
-                synchronize(device)
-                (count, length), elapsed = common.timed(run.step)
-                if step >= args.warmup:
-                    seconds[name] += elapsed
-                    windows[name] += count
-                    flops[name] += step_flops(run.model, count, length)
+        for name, step in order:
+            if args.compile and step == 0:
+                torch._dynamo.reset()
+            synchronize(device)
+            (count, length), elapsed = common.timed(runs[name].step)
+            if step >= warmup:
+                seconds[name] += elapsed
+                windows[name] += count
+                flops[name] += step_flops(runs[name].model, count, length)
     peak = args.peak_tflops or peak_tflops(device)
     baseline = windows[BASELINE] / seconds[BASELINE]
     rows = []
@@ -162,6 +175,10 @@ def measure(path: str, args, device: torch.device) -> list[list]:
         mfu = f"{100 * flops[name] / seconds[name] / (peak * 1e12):.1f}%" if peak else "n/a"
         rows.append([common.model_name(path), name, rate, rate / baseline, mfu])
     return rows
+
+
+def steps(count: int | None) -> str:
+    return "an epoch's" if count is None else str(count)
 
 
 def main() -> None:
@@ -173,8 +190,8 @@ def main() -> None:
     parser.add_argument("--no-fused", action="store_true", help="plain (not fused) AdamW")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2000, help="questions of the train file")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="timed (default: an epoch)")
+    parser.add_argument("--warmup", type=int, default=None, help="steps (default: an epoch)")
     parser.add_argument("--workers", type=int, default=4, help="data loader workers")
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the script")
@@ -197,7 +214,8 @@ def main() -> None:
         f"GPU training throughput, {name}, {args.precision}, SDPA, "
         f"{'plain' if args.no_fused else 'fused'} AdamW, compile={args.compile}, "
         f"{'random' if args.from_scratch else 'pretrained'} weights, batch "
-        f"{args.batch_size}, max length 384, {args.samples} questions, {args.steps} timed steps",
+        f"{args.batch_size}, max length 384, {args.samples} questions, steps: "
+        f"{steps(args.warmup)} warm-up, {steps(args.steps)} timed",
         ["model", "configuration", "windows/s", "vs padded", "MFU"],
         rows,
     )
