@@ -160,7 +160,7 @@ def measure(path: str, args, device: torch.device) -> list[list]:
         flops = dict.fromkeys(runs, 0.0)
         for name, step in order:
             if args.compile and step == 0:
-                torch._dynamo.reset()
+                torch.compiler.reset()
             synchronize(device)
             (count, length), elapsed = common.timed(runs[name].step)
             if step >= warmup:
