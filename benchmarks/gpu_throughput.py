@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from qa_lightning.data import SquadDataModule
 from qa_lightning.data.loading import load_local_file
+from qa_lightning.inference import AUTOCAST_DTYPES
 from qa_lightning.model import load_qa_model
 from qa_lightning.tokenizer import load_tokenizer
 
@@ -113,7 +114,7 @@ class Run:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=2e-5, weight_decay=0.01, fused=not args.no_fused
         )
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
+        dtype = AUTOCAST_DTYPES.get(args.precision)  # "32": None
         self.autocast = (
             torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         )
