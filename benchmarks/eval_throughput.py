@@ -3,9 +3,11 @@ file, reference recipe vs project, and post-processing alone on the same logits.
 
 Reference: windows padded to 384 in file order, batches of 32, then ``utils_qa``'s double loop over
 each window's argsorted logits, then SQuAD EM/F1. Project: ``Trainer.validate`` of ``QAModule`` on
-the data module's validation windows (sorted by length, dynamically padded): ``best_window_spans``
-per batch, ``best_example_spans`` and EM/F1 at the epoch's end. Both use the same model weights;
-tokenisation is not timed (see preprocess.py).
+the data module's validation windows (on CPU, the default: batches of up to 32 windows of one
+length, unpadded; also timed with ``data.eval_equal_length=false``: batches of 32 sorted windows
+padded to the longest, a multiple of 8): ``best_window_spans`` per batch, ``best_example_spans``
+and EM/F1 at the epoch's end. Both use the same model weights; tokenisation is not timed (see
+preprocess.py).
 
 Post-processing alone is timed on the same logits (the reference's padded windows) for both, and
 their predicted texts must agree on every question. With MiniLM the QA head is untrained, so
@@ -123,34 +125,40 @@ def main() -> None:
         args.limit = args.limit or 64
     path = common.setup(args)
 
-    datamodule = SquadDataModule(
-        path,
-        dataset_name=None,
-        validation_file=str(common.VALIDATION_FILE),
-        validation_samples=args.limit,
-        eval_batch_size=args.batch_size,
-    )
-    datamodule.setup("validate")
+    datamodules = {}
+    for equal_length in (True, False):
+        datamodules[equal_length] = SquadDataModule(
+            path,
+            dataset_name=None,
+            validation_file=str(common.VALIDATION_FILE),
+            validation_samples=args.limit,
+            eval_batch_size=args.batch_size,
+            eval_equal_length=equal_length,
+        )
+        datamodules[equal_length].setup("validate")
+    datamodule = datamodules[True]
     examples = datamodule.val_examples
     features = map_features(datamodule.tokenizer, examples, train=False)
     module = QAModule(path, n_best=N_BEST, max_answer_length=MAX_ANSWER_LENGTH)
     model = module.model  # the same weights on both sides
-    trainers = {"32-true": cpu_trainer("32-true")}
+    # project runs: fp32 (the default), fp32 padded, and bf16 where the CPU computes it natively
+    runs = {"32-true": ("32-true", True), "32-true padded": ("32-true", False)}
     if cpu_supports_bf16():
-        trainers["bf16-mixed"] = cpu_trainer("bf16-mixed")
+        runs["bf16-mixed"] = ("bf16-mixed", True)
+    trainers = {precision: cpu_trainer(precision) for precision, _ in runs.values()}
     reference_logits(model.eval(), features.select(range(1)), 1)  # warm-up
-    reference_s, project_s = float("inf"), dict.fromkeys(trainers, float("inf"))
+    reference_s, project_s = float("inf"), dict.fromkeys(runs, float("inf"))
     project, project_scores = {}, {}
     for _ in range(args.repeats):
         (reference, reference_scores, (start_logits, end_logits)), seconds = common.timed(
             reference_evaluate, model, examples, features, args.batch_size
         )
         reference_s = min(reference_s, seconds)
-        for precision, trainer in trainers.items():
-            (project[precision], project_scores[precision]), seconds = common.timed(
-                project_evaluate, trainer, module, datamodule
+        for run, (precision, equal_length) in runs.items():
+            (project[run], project_scores[run]), seconds = common.timed(
+                project_evaluate, trainers[precision], module, datamodules[equal_length]
             )
-            project_s[precision] = min(project_s[precision], seconds)
+            project_s[run] = min(project_s[run], seconds)
 
     index, offsets = project_inputs(examples, features)
     repeats = max(3, args.repeats)
@@ -170,8 +178,17 @@ def main() -> None:
     questions = len(examples)
     e2e, post = reference_s / project_s["32-true"], reference_post_s / project_post_s
     same = agreement(same_reference, same_project)
+    padded = reference_s / project_s["32-true padded"]
     rows: list[list[Any]] = [
         ["windows", len(features), len(datamodule.val_windows), "", "", ""],
+        [
+            "tokens run (padding included)",
+            len(features) * len(features[0]["input_ids"]),
+            sum(len(w) for w in datamodule.val_windows["input_ids"]),
+            "",
+            "",
+            "",
+        ],
         [
             "inference + post-processing + EM/F1, s",
             reference_s,
@@ -181,18 +198,19 @@ def main() -> None:
             common.verdict(e2e, 2.5),
         ],
         ["questions/s", questions / reference_s, questions / project_s["32-true"], e2e, "", ""],
+        ["same, project padded, s", reference_s, project_s["32-true padded"], padded, "", ""],
         *[
             [
-                f"EM / F1 ({precision})",
+                f"EM / F1 ({run})",
                 f"{reference_scores['em']:.2f} / {reference_scores['f1']:.2f}"
-                if precision == "32-true"
+                if run == "32-true"
                 else "",
                 f"{scores['em']:.2f} / {scores['f1']:.2f}",
                 "",
                 "",
                 "",
             ]
-            for precision, scores in project_scores.items()
+            for run, scores in project_scores.items()
         ],
         [
             "post-processing alone (same logits), s",
@@ -215,6 +233,14 @@ def main() -> None:
             "",
             "",
             agreement(reference, project["32-true"]),
+            "",
+            "",
+        ],
+        [
+            "identical text, unpadded vs padded project, %",
+            "",
+            "",
+            agreement(project["32-true"], project["32-true padded"]),
             "",
             "",
         ],

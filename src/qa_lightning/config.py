@@ -178,6 +178,18 @@ def validate_data_config(data: DictConfig) -> None:
     )
     for key in ("batch_size", "eval_batch_size"):
         _check(data[key] > 0, f"data.{key}", data[key], "must be > 0.")
+    for key, auto in (
+        ("group_by_length", False),
+        ("pad_to_max_length", False),
+        ("eval_equal_length", True),
+    ):
+        value = data.get(key, False)
+        _check(
+            isinstance(value, bool) or (auto and value is None),
+            f"data.{key}",
+            value,
+            "must be true or false" + (", or null (true on CPU, false on GPU)." if auto else "."),
+        )
     for key in ("train_samples", "validation_samples"):
         value = data.get(key)
         _check(value is None or value > 0, f"data.{key}", value, "must be > 0, or null for all.")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from qa_lightning.config import PAIR_SPECIAL_TOKENS, auto_precision
 from qa_lightning.data.collate import MODEL_INPUTS, WindowCollator
+from qa_lightning.data.sampling import sorted_batches
 from qa_lightning.data.windowing import make_eval_windows, truncate_questions
 from qa_lightning.errors import ConfigError, InputError
 from qa_lightning.hardware import cpu_bf16_warning
@@ -268,6 +269,8 @@ class QuestionAnswerer:
 
     ``answer(questions, contexts, top_k)`` returns, per question, up to ``top_k`` answers, best
     first. Build one with :meth:`from_model_dir` (PyTorch) or :meth:`from_onnx` (onnxruntime).
+    Windows are batched sorted by length as in evaluation; ``equal_length`` (for CPUs) batches
+    windows of one length only, unpadded (see :func:`~qa_lightning.data.sampling.sorted_batches`).
     """
 
     def __init__(
@@ -276,13 +279,15 @@ class QuestionAnswerer:
         logits_fn: LogitsFn,
         settings: InferenceSettings | None = None,
         batch_size: int = 32,
+        equal_length: bool = True,
     ) -> None:
         _check_batch_size(batch_size)
         self.tokenizer = tokenizer
         self.logits_fn = logits_fn
         self.settings = settings or InferenceSettings()
         self.batch_size = batch_size
-        self.collator = WindowCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+        self.equal_length = equal_length
+        self.collator = WindowCollator(tokenizer.pad_token_id, None if equal_length else 8)
 
     @classmethod
     def from_model_dir(
@@ -308,7 +313,9 @@ class QuestionAnswerer:
         log.info("answering with PyTorch on %s in %s", device, precision)
         tokenizer = load_tokenizer(str(model_dir))
         model = load_qa_model(str(model_dir))
-        return cls(tokenizer, TorchLogits(model, device, precision), inference_settings, batch_size)
+        logits_fn = TorchLogits(model, device, precision)
+        on_cpu = logits_fn.device.type == "cpu"
+        return cls(tokenizer, logits_fn, inference_settings, batch_size, equal_length=on_cpu)
 
     @classmethod
     def from_onnx(
@@ -373,12 +380,9 @@ class QuestionAnswerer:
             )
         windows = make_eval_windows(self.tokenizer, questions, contexts, s.max_length, s.stride)
         keys = [k for k in windows if k != "length"]
-        # batches of similar lengths, longest first as in evaluation (memory runs out, if it
-        # does, on the first batch)
-        order = np.argsort(-np.asarray(windows["length"]), kind="stable")
+        # longest first as in evaluation (memory runs out, if it does, on the first batch)
         window_of, candidates = [], []
-        for first in range(0, len(order), self.batch_size):
-            rows = order[first : first + self.batch_size]
+        for rows in sorted_batches(windows["length"], self.batch_size, self.equal_length):
             batch = self.collator([{k: windows[k][i] for k in keys} for i in rows])
             spans = best_window_spans(
                 *self.logits_fn(batch),

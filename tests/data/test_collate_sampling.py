@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from qa_lightning.data.collate import WindowCollator
-from qa_lightning.data.sampling import LengthGroupedSampler, length_grouped_order
+from qa_lightning.data.sampling import (
+    LengthGroupedSampler,
+    SortedBatchSampler,
+    length_grouped_order,
+    sorted_batches,
+)
 from qa_lightning.data.windowing import NO_OFFSET
 
 PAD = 7
@@ -99,3 +104,40 @@ def test_ragged_last_batch_keeps_batch_boundaries():
         for batch in batches(order, 4):
             batch_lengths = [lengths[i] for i in batch]
             assert batch_lengths == sorted(batch_lengths, reverse=True)
+
+
+# -- evaluation batches -------------------------------------------------------------------------
+
+
+def as_lists(batches):
+    return [np.asarray(b).tolist() for b in batches]
+
+
+def test_sorted_batches_by_hand():
+    lengths = [5, 3, 5, 5, 2, 3]  # longest first, ties in input order: 0 2 3 | 1 5 | 4
+    assert as_lists(sorted_batches(lengths, 2)) == [[0, 2], [3, 1], [5, 4]]
+    assert as_lists(sorted_batches(lengths, 2, equal_length=True)) == [[0, 2], [3], [1, 5], [4]]
+    assert as_lists(sorted_batches([], 4, equal_length=True)) == []
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 200])
+def test_equal_length_batches_cover_every_window_once_unpadded(batch_size):
+    batches = as_lists(sorted_batches(LENGTHS, batch_size, equal_length=True))
+    assert sorted(i for b in batches for i in b) == list(range(len(LENGTHS)))
+    assert all(1 <= len(b) <= batch_size and len({LENGTHS[i] for i in b}) == 1 for b in batches)
+    firsts = [LENGTHS[b[0]] for b in batches]
+    assert firsts == sorted(firsts, reverse=True)
+    # as few batches as possible: one per length, more only where a length fills batch_size
+    counts = np.unique(LENGTHS, return_counts=True)[1]
+    assert len(batches) == sum(-(-c // batch_size) for c in counts)
+
+
+def test_sorted_batch_sampler_batches_its_samplers_share_only():
+    share = [1, 3, 5, 7, 9, 11]  # e.g. one rank's indices under DDP
+    lengths = [9, 4, 9, 7, 9, 4, 9, 4, 9, 7, 9, 7]
+    sampler = SortedBatchSampler(share, 2, lengths=lengths, equal_length=True)
+    assert list(sampler) == [[3, 9], [11], [1, 5], [7]]
+    assert len(sampler) == 4
+    assert list(SortedBatchSampler(share, 4, lengths=lengths)) == [[3, 9, 11, 1], [5, 7]]
+    with pytest.raises(ValueError, match="drop_last"):
+        SortedBatchSampler(share, 2, drop_last=True, lengths=lengths)

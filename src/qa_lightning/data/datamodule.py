@@ -9,14 +9,14 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 
 from qa_lightning.checkpointing import ResumableDataLoader
 from qa_lightning.data import cache
 from qa_lightning.data.collate import WindowCollator
 from qa_lightning.data.loading import load_hub_split, load_local_file
 from qa_lightning.data.records import OnBadRecord, check_records
-from qa_lightning.data.sampling import LengthGroupedSampler
+from qa_lightning.data.sampling import LengthGroupedSampler, SortedBatchSampler
 from qa_lightning.data.windowing import make_eval_windows, make_train_windows, truncate_questions
 from qa_lightning.errors import ConfigError
 from qa_lightning.tokenizer import load_tokenizer
@@ -28,7 +28,9 @@ class SquadDataModule(L.LightningDataModule):
     """SQuAD from the hub (``dataset_name``) or local files (``train_file``/``validation_file``).
 
     Sample sizes count questions (examples), never windows; the sample is drawn with
-    ``Dataset.shuffle(seed=sample_seed)``, independent of the training seed.
+    ``Dataset.shuffle(seed=sample_seed)``, independent of the training seed. Validation batches
+    hold windows sorted by length; with ``eval_equal_length`` (``None``: when running on a CPU)
+    each holds windows of one length, so that nothing is padded.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class SquadDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         pad_to_max_length: bool = False,
         pad_to_multiple_of: int | None = 8,
+        eval_equal_length: bool | None = None,
         sampler_seed: int = 42,
         num_workers: int = 0,
         num_proc: int | None = None,
@@ -160,9 +163,17 @@ class SquadDataModule(L.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------
 
-    def _collator(self) -> WindowCollator:
-        multiple = None if self.hparams.pad_to_max_length else self.hparams.pad_to_multiple_of
+    def _collator(self, equal_length: bool = False) -> WindowCollator:
+        hp = self.hparams
+        multiple = None if hp.pad_to_max_length or equal_length else hp.pad_to_multiple_of
         return WindowCollator(self.tokenizer.pad_token_id, multiple)
+
+    def _eval_equal_length(self) -> bool:
+        """``eval_equal_length``, or when ``None``: on a CPU, where cost follows the token count
+        (a GPU prefers fewer, fuller batches)."""
+        if self.hparams.eval_equal_length is not None:
+            return self.hparams.eval_equal_length
+        return self.trainer is None or self.trainer.strategy.root_device.type == "cpu"
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
@@ -186,11 +197,18 @@ class SquadDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams
+        windows = self.val_windows
+        equal_length = self._eval_equal_length()
+        batches = SortedBatchSampler(
+            SequentialSampler(windows),
+            hp.eval_batch_size,
+            lengths=windows["length"][:],
+            equal_length=equal_length,
+        )
         return DataLoader(
-            self.val_windows.remove_columns(["length"]),
-            batch_size=hp.eval_batch_size,
-            shuffle=False,
-            collate_fn=self._collator(),
+            windows.remove_columns(["length"]),
+            batch_sampler=batches,
+            collate_fn=self._collator(equal_length),
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
         )
