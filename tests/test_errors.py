@@ -122,6 +122,8 @@ def test_cli_evaluate_rejects_a_stride_the_tokenizer_would_panic_on(tmp_path) ->
         (["trainer.max_epochs=two"], ["trainer.max_epochs='two'", "must be an integer"]),
         (["+trainer.accumulate_grad_batches=0"], ["trainer.accumulate_grad_batches=0"]),
         (["data.on_bad_record=ignore"], ["data.on_bad_record='ignore'", "skip"]),
+        (["data.eval_equal_length=auto"], ["data.eval_equal_length='auto'", "or null"]),
+        (["data.group_by_length=1"], ["data.group_by_length=1", "true or false"]),
         (["data.train_file=/nonexistent/train.json"], ["'/nonexistent/train.json' does not exist"]),
         (["data.validation_file=TMP"], ["is a directory, not a file"]),
         (["data.train_samples=71"], ["data.train_samples=71", "larger than the 70 questions"]),
