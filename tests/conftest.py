@@ -36,6 +36,8 @@ TINY_OVERRIDES = [
     "callbacks.progress_bar.refresh_rate=0",
     "trainer.log_every_n_steps=1",
 ]
+#: Short windows, so that every demo context spans several of them, in many lengths.
+SHORT_WINDOWS = {"max_length": 64, "stride": 8, "max_question_tokens": 24}
 
 
 @pytest.fixture(scope="session")

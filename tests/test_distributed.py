@@ -17,10 +17,7 @@ from pathlib import Path
 from qa_lightning.config import minilm_path, resource_path
 from qa_lightning.data import SquadDataModule
 from qa_lightning.train import train
-from tests.conftest import ROOT, TINY_OVERRIDES
-
-# short windows, so that every demo context spans several of them
-WINDOWING = {"max_length": 64, "stride": 8, "max_question_tokens": 24}
+from tests.conftest import ROOT, SHORT_WINDOWS, TINY_OVERRIDES
 
 
 def evaluate_cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -31,7 +28,7 @@ def evaluate_cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
             "-m",
             "qa_lightning.evaluate",
             "data=demo",
-            *(f"data.{key}={value}" for key, value in WINDOWING.items()),
+            *(f"data.{key}={value}" for key, value in SHORT_WINDOWS.items()),
             f"hydra.run.dir={run_dir}",
             *overrides,
         ],
@@ -46,7 +43,7 @@ def test_validation_windows_split_unevenly_over_two_ranks() -> None:
         train_file=resource_path("demo/train.json"),
         validation_file=resource_path("demo/validation.json"),
         cache_dir=None,
-        **WINDOWING,
+        **SHORT_WINDOWS,
     )
     datamodule.setup("validate")
     windows_per_question = Counter(datamodule.val_windows["example_index"])

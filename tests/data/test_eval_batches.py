@@ -9,13 +9,11 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from qa_lightning.config import minilm_path, resource_path
 from qa_lightning.data import SquadDataModule
-from qa_lightning.model import QAModule
-
-# short windows, so that the demo's windows come in many lengths
-WINDOWING = {"max_length": 64, "stride": 8, "max_question_tokens": 24}
+from tests.conftest import SHORT_WINDOWS
 
 
 def datamodule(**settings) -> SquadDataModule:
@@ -25,7 +23,7 @@ def datamodule(**settings) -> SquadDataModule:
         validation_file=resource_path("demo/validation.json"),
         eval_batch_size=16,
         cache_dir=None,
-        **WINDOWING,
+        **SHORT_WINDOWS,
         **settings,
     )
     module.setup("validate")
@@ -53,11 +51,9 @@ def test_padded_batches_when_switched_off_or_on_a_gpu(setting: bool | None) -> N
     assert not all(b["attention_mask"].all() for b in batches)
 
 
-def test_equal_length_batches_give_the_padded_batches_answers() -> None:
+def test_equal_length_batches_give_the_padded_batches_answers(compose_train) -> None:
     torch.manual_seed(0)
-    overrides = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
-                 "intermediate_size": 64}  # fmt: skip
-    module = QAModule(minilm_path(), from_scratch=True, config_overrides=overrides)
+    module = instantiate(compose_train(["model=tiny"]).model)  # conf/model/tiny.yaml
     results = []
     for setting in (True, False):
         trainer = L.Trainer(

@@ -158,6 +158,7 @@ class SquadDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_windows is None:
             self.val_examples = self.load_examples("validation")
             windows = self.windows(self.val_examples, train=False)
+            # sorted, so that DDP's every-n-th-window shards get alike shares of long windows
             self.val_windows = windows.sort("length", reverse=True)
             log.info("validation: %d questions -> %d windows", len(self.val_examples), len(windows))
 
