@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
+CONF_DIR = ROOT / "src" / "qa_lightning" / "conf"
 SHARED_SQUAD = ROOT.parent / "shared" / "data" / "squad"
 register_resolvers()
 

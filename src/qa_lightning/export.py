@@ -333,7 +333,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     report_errors(lambda: export(cfg))
 

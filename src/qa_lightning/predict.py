@@ -115,7 +115,7 @@ def predict(cfg: DictConfig) -> Any:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     report_errors(lambda: predict(cfg))
 

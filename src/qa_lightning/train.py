@@ -167,7 +167,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the best ``val/f1``, the value a Hydra sweeper optimises."""
     if HydraConfig.get().mode == RunMode.MULTIRUN:
