@@ -71,3 +71,53 @@ def test_half_precision_checkpoint_loads_as_fp32_master_weights(configured, tmp_
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     for a, b in zip(loaded.parameters(), module.model.parameters(), strict=True):
         assert torch.equal(a, b.float())
+
+
+def _fit_steps(module: QAModule, precision: str, clip: float | None) -> list[torch.Tensor]:
+    """Three training steps of ``module`` on fixed random windows; its weights after them."""
+    generator = torch.Generator().manual_seed(0)
+    windows = [
+        {
+            "input_ids": torch.randint(5, 1000, (16,), generator=generator),
+            "attention_mask": torch.ones(16, dtype=torch.long),
+            "token_type_ids": torch.zeros(16, dtype=torch.long),
+            "start_positions": torch.tensor(3),
+            "end_positions": torch.tensor(5),
+        }
+        for _ in range(12)
+    ]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_steps=3,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    torch.manual_seed(1)  # the same dropout masks in every run
+    trainer.fit(module, torch.utils.data.DataLoader(windows, batch_size=4))
+    return [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fused_adamw_clips_gradients_as_lightning_does(compose_train, precision: str) -> None:
+    """Clipping with fused AdamW (which Lightning refuses under mixed precision) gives the
+    weights of Lightning's own clipping with per-tensor AdamW; without clipping they differ."""
+    model_cfg = compose_train(["model=tiny"]).model
+    torch.manual_seed(0)
+    fused = instantiate(model_cfg, fused_optimizer=True)
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
+
+    def module(fused_optimizer: bool) -> QAModule:
+        built = instantiate(model_cfg, fused_optimizer=fused_optimizer)
+        built.load_state_dict(state)
+        return built
+
+    clipped = _fit_steps(fused, precision, clip=1e-3)
+    reference = _fit_steps(module(False), precision, clip=1e-3)
+    unclipped = _fit_steps(module(True), precision, clip=None)
+    for a, b in zip(clipped, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(clipped, unclipped, strict=True))

@@ -196,6 +196,33 @@ class QAModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
         }
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as Lightning does, also for fused AdamW under mixed precision.
+
+        Lightning refuses to clip an optimizer that unscales gradients inside its step (fused
+        AdamW) under ``bf16-mixed``/``16-mixed``. bf16 has no grad scaler, so the gradients are
+        the true ones; with ``16-mixed`` they are unscaled here first (the scaler's step then
+        knows they are, and skips the step on non-finite ones as usual).
+        """
+        if not gradient_clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["qa_best"] = {"scores": self.best, "predictions": self.best_predictions}
 
