@@ -3,7 +3,10 @@
 transformers 5 removed the question-answering pipeline, so this script imports nothing of
 qa_lightning and runs with a transformers 4 folder first on ``PYTHONPATH`` (``make test``
 installs one in ``.venv/transformers4``). The pipeline gets ``predict``'s windowing and answer
-length (``settings``); each setting of ``align_to_words`` writes one line of answers.
+length (``settings``); each setting of ``align_to_words`` writes one line of answers. With
+``"version_2_with_negative": true`` in ``settings`` it runs with ``handle_impossible_answer``
+(the null answer ``""`` is a candidate); with ``"top_k": K`` the line also holds each question's
+``K`` best answers (``"top_k_answers"``).
 
     PYTHONPATH=.venv/transformers4 python benchmarks/qa_pipeline.py MODEL_DIR Q.jsonl A.jsonl \
         '{"max_length": 384, "stride": 128, "max_question_tokens": 64, "max_answer_length": 30}'
@@ -53,8 +56,9 @@ def main(model_dir: str, questions: str, answers: str, settings_json: str) -> No
     with open(questions, encoding="utf-8") as lines:
         rows = [json.loads(line) for line in lines]
     with open(answers, "w", encoding="utf-8") as out:
+        top_k = settings.get("top_k", 1)
         for align in (True, False):
-            texts = [
+            found = [
                 pipe(
                     question=row["question"],
                     context=row["context"],
@@ -63,14 +67,19 @@ def main(model_dir: str, questions: str, answers: str, settings_json: str) -> No
                     max_question_len=settings["max_question_tokens"],
                     max_answer_len=settings["max_answer_length"],
                     align_to_words=align,
-                )["answer"]
+                    handle_impossible_answer=settings.get("version_2_with_negative", False),
+                    top_k=top_k,
+                )
                 for row in rows
             ]
+            ranked = [answers if isinstance(answers, list) else [answers] for answers in found]
             record = {
                 "align_to_words": align,
-                "answers": texts,
+                "answers": [answers[0]["answer"] for answers in ranked],
                 "transformers": transformers.__version__,
             }
+            if top_k > 1:
+                record["top_k_answers"] = [[a["answer"] for a in answers] for answers in ranked]
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

@@ -51,3 +51,21 @@ def test_best_thresholds_follow_find_best_thresh() -> None:
 def test_example_null_score_is_the_minimum_over_windows() -> None:
     nulls = example_null_scores(np.array([0, 1, 0, 1, 2]), np.array([3.0, 1.0, -1.0, 2.0, 5.0]), 4)
     assert nulls.tolist() == [-1.0, 1.0, 5.0, np.inf]
+
+
+def test_threshold_best_applies_best_f1_thresh() -> None:
+    scores = squad_v2_scores(ANSWERS, NA_PROBS, REFERENCES, threshold="best")
+    # at 0.5: q1 "Paris", q3 "whale" (na_prob 0.5 is not above it), q2 "" (1.0 is)
+    assert scores["null_score_diff_threshold"] == 0.5
+    assert scores["f1"] == pytest.approx(800 / 9) == pytest.approx(scores["best_f1"])
+    assert scores["exact"] == pytest.approx(200 / 3)
+    assert squad_v2_scores(ANSWERS, NA_PROBS, REFERENCES)["null_score_diff_threshold"] == 0.0
+
+
+def test_has_answer_follows_the_official_script() -> None:
+    """An example is HasAns when it has any reference answer, even one that normalises to
+    nothing ("The"); it is then scored against "" (``get_raw_scores``)."""
+    references = {"q1": ["The"], "q2": []}
+    scores = squad_v2_scores({"q1": "an", "q2": "x"}, {"q1": 1.0, "q2": 1.0}, references)
+    assert (scores["HasAns_total"], scores["NoAns_total"]) == (1.0, 1.0)
+    assert (scores["HasAns_exact"], scores["NoAns_exact"]) == (100.0, 100.0)  # both ""

@@ -15,6 +15,8 @@ from qa_lightning.hardware import cpu_supports_bf16
 
 #: Special tokens a (question, context) pair adds at most (RoBERTa: <s> q </s></s> c </s>).
 PAIR_SPECIAL_TOKENS = 4
+#: ``postprocess.null_score_diff_threshold`` that applies the validation's ``best_f1_thresh``.
+NULL_THRESHOLD_BEST = "best"
 
 
 def minilm_path() -> str:
@@ -117,7 +119,8 @@ def validate_model_config(model: DictConfig) -> None:
 
 
 def validate_decoding_config(postprocess: DictConfig) -> None:
-    """``postprocess.n_best`` and ``postprocess.max_answer_length``."""
+    """``postprocess.n_best``, ``postprocess.max_answer_length`` and
+    ``postprocess.null_score_diff_threshold`` (a number, or ``best``)."""
     for name, reference in (("n_best", 20), ("max_answer_length", 30)):
         value = _number(postprocess, name, "postprocess", True, str(reference))
         _check(
@@ -126,6 +129,18 @@ def validate_decoding_config(postprocess: DictConfig) -> None:
             value,
             f"must be > 0 (reference: {reference}).",
         )
+    if postprocess.get("null_score_diff_threshold") != NULL_THRESHOLD_BEST:
+        _check(
+            _is_finite_number(postprocess.get("null_score_diff_threshold")),
+            "postprocess.null_score_diff_threshold",
+            postprocess.get("null_score_diff_threshold"),
+            "use a number (e.g. 0.0, the reference) or best (the threshold that maximises F1 "
+            "on the validation data, as the official SQuAD v2 script's best_f1_thresh).",
+        )
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def validate_data_config(data: DictConfig) -> None:

@@ -1,7 +1,8 @@
 """Score a model on validation data: ``python -m qa_lightning.evaluate ckpt_path=... data=...``.
 
 Runs ``trainer.validate`` with the training code's ``QAModule`` and ``SquadDataModule``, so a
-checkpoint scores exactly as it did in training (see ``conf/eval.yaml``).
+checkpoint scores exactly as it did in training (see ``conf/eval.yaml``): with the model's own
+config, tokenizer, windowing and decoding, unless given on the command line.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import json
 import logging
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -26,18 +29,71 @@ from qa_lightning.config import (
     validate_max_length,
 )
 from qa_lightning.errors import ConfigError
-from qa_lightning.export import checkpoint_model_config, read_checkpoint
+from qa_lightning.export import checkpoint_model_source, checkpoint_settings, read_checkpoint
+from qa_lightning.inference import SETTINGS_FILE, InferenceSettings
 from qa_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 register_resolvers()
 
 
-def configure_model_source(cfg: DictConfig) -> dict[str, str]:
-    """Point ``cfg.model`` at the checkpoint's architecture or at ``model_dir``; returns the source.
+#: The windowing and decoding a model carries: :class:`InferenceSettings` field -> config key.
+SETTING_KEYS = {
+    "max_length": "data.max_length",
+    "stride": "data.stride",
+    "max_question_tokens": "data.max_question_tokens",
+    "version_2_with_negative": "data.version_2_with_negative",
+    "n_best": "postprocess.n_best",
+    "max_answer_length": "postprocess.max_answer_length",
+    "null_score_diff_threshold": "postprocess.null_score_diff_threshold",
+}
+#: Where a checkpoint's config and tokenizer files are written in the run dir.
+CHECKPOINT_MODEL_DIR = "checkpoint_model"
 
-    The data module's tokenizer follows through ``${model.name_or_path}``.
+
+def command_line_keys() -> set[str]:
+    """The config keys that the command line's overrides set (none outside a Hydra run)."""
+    if not HydraConfig.initialized():
+        return set()
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return {override.key_or_group for override in overrides}
+
+
+def use_saved_settings(
+    cfg: DictConfig, saved: dict[str, Any], origin: str, given: set[str]
+) -> dict[str, str]:
+    """Set ``cfg``'s windowing and decoding (:data:`SETTING_KEYS`) to the model's ``saved``
+    values, except the keys in ``given`` (the command line's), and log them. Returns each key's
+    origin: ``origin`` or ``"command line"``.
+
+    ``model.n_best`` and the like interpolate ``postprocess.*`` and ``data.*``: giving either
+    counts as giving the setting.
     """
+    origins, described = {}, []
+    for name, key in SETTING_KEYS.items():
+        if name not in saved:
+            continue
+        alias = f"model.{name}"
+        if key in given or alias in given:
+            origins[key] = "command line"
+            value = OmegaConf.select(cfg, alias if alias in given else key)
+            described.append(f"{key}={value} (command line; the {origin}'s: {saved[name]})")
+        else:
+            OmegaConf.update(cfg, key, saved[name])
+            origins[key] = origin
+            described.append(f"{key}={saved[name]}")
+    if described:
+        log.info("windowing and decoding of the %s: %s", origin, ", ".join(described))
+    return origins
+
+
+def configure_model_source(cfg: DictConfig) -> dict[str, str]:
+    """Point ``cfg.model`` and the data module's tokenizer at the checkpoint's (its embedded
+    config and tokenizer, written to ``<run dir>/checkpoint_model``, or for a checkpoint of an
+    earlier version its base model) or at ``model_dir``, and the windowing and decoding at the
+    model's saved settings except those given on the command line; returns the source."""
     ckpt_path, model_dir = cfg.get("ckpt_path"), cfg.get("model_dir")
     if bool(ckpt_path) == bool(model_dir):
         raise ConfigError(
@@ -47,11 +103,16 @@ def configure_model_source(cfg: DictConfig) -> dict[str, str]:
         )
     with open_dict(cfg):
         if ckpt_path:
-            model_config = checkpoint_model_config(read_checkpoint(ckpt_path), ckpt_path)
+            checkpoint = read_checkpoint(ckpt_path)
+            directory = Path(cfg.paths.output_dir) / CHECKPOINT_MODEL_DIR
+            source = checkpoint_model_source(checkpoint, ckpt_path, directory)
             # architecture only: the weights are restored from the checkpoint by trainer.validate
-            cfg.model.name_or_path = model_config["name_or_path"]
-            cfg.model.config_overrides = model_config["config_overrides"]
+            cfg.model.name_or_path = source.name_or_path
+            cfg.model.config_overrides = source.config_overrides
             cfg.model.from_scratch = True
+            cfg.data.tokenizer_name_or_path = source.tokenizer_name_or_path
+            saved = checkpoint_settings(checkpoint)
+            use_saved_settings(cfg, saved, "checkpoint", command_line_keys())
             return {"source": str(ckpt_path), "source_type": "checkpoint"}
         if not Path(model_dir).is_dir():
             raise ConfigError(
@@ -61,6 +122,12 @@ def configure_model_source(cfg: DictConfig) -> dict[str, str]:
         cfg.model.name_or_path = str(model_dir)
         cfg.model.config_overrides = None
         cfg.model.from_scratch = False
+        settings_file = Path(model_dir) / SETTINGS_FILE
+        if settings_file.is_file():
+            settings = asdict(InferenceSettings.from_dir(model_dir))  # checks the file
+            written = json.loads(settings_file.read_text())  # an earlier export's lacks some
+            saved = {name: value for name, value in settings.items() if name in written}
+            use_saved_settings(cfg, saved, "model directory", command_line_keys())
         return {"source": str(model_dir), "source_type": "model_dir"}
 
 

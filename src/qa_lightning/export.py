@@ -13,8 +13,9 @@ with onnxruntime) with the same files but the weights.
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,12 @@ import torch
 from omegaconf import DictConfig
 
 from qa_lightning.cli import report_errors
-from qa_lightning.config import register_resolvers
+from qa_lightning.config import NULL_THRESHOLD_BEST, register_resolvers
 from qa_lightning.data.collate import MODEL_INPUTS
 from qa_lightning.errors import ConfigError, ExportError
 from qa_lightning.inference import OUTPUT_NAMES, InferenceSettings
+from qa_lightning.model_files import CHECKPOINT_KEY as MODEL_FILES_KEY
+from qa_lightning.model_files import has_config, has_tokenizer, write_model_files
 from qa_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -78,14 +81,111 @@ def checkpoint_model_config(checkpoint: dict[str, Any], ckpt_path: str | Path) -
     }
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a checkpoint's architecture (``name_or_path`` with ``config_overrides``) and
+    tokenizer load from."""
+
+    name_or_path: str
+    config_overrides: dict[str, Any] | None
+    tokenizer_name_or_path: str
+
+
+def checkpoint_model_source(
+    checkpoint: dict[str, Any], ckpt_path: str | Path, directory: str | Path
+) -> ModelSource:
+    """The checkpoint's own config and tokenizer files, written to ``directory``; for what a
+    checkpoint of an earlier version lacks, its base model (``name_or_path``, the data module's
+    tokenizer), which must then be reachable."""
+    model_config = checkpoint_model_config(checkpoint, ckpt_path)
+    files = checkpoint.get(MODEL_FILES_KEY)
+    if has_config(files) or has_tokenizer(files):
+        write_model_files(files, directory)
+    base = model_config["name_or_path"]
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    base_tokenizer = str(data.get("tokenizer_name_or_path") or base)
+    missing = []
+    if has_config(files):
+        name_or_path, overrides = str(directory), None
+    else:
+        name_or_path, overrides = base, model_config["config_overrides"]
+        if problem := _unreachable(base, "config"):
+            missing.append(f"model config (base '{base}': {problem})")
+    if has_tokenizer(files):
+        tokenizer = str(directory)
+    else:
+        tokenizer = base_tokenizer
+        if problem := _unreachable(base_tokenizer, "tokenizer"):
+            missing.append(f"tokenizer files (base '{base_tokenizer}': {problem})")
+    if missing:
+        raise ConfigError(
+            f"ckpt_path='{ckpt_path}' cannot rebuild its model: it holds no "
+            f"{' and no '.join(missing)}, and its base cannot be loaded here (checkpoints of "
+            "earlier qa_lightning versions rely on it). Use the checkpoint where its base can "
+            "be reached (the machine and virtualenv that trained it; for a hub id, network "
+            "access or the Hugging Face cache), and there run python -m qa_lightning.export "
+            f"ckpt_path={ckpt_path} format=hf: it writes a self-contained model directory that "
+            "evaluate model_dir=..., export model_dir=... and predict model_dir=... load anywhere."
+        )
+    return ModelSource(name_or_path, overrides, tokenizer)
+
+
+def _unreachable(name_or_path: str, what: str) -> str | None:
+    """Why the config or tokenizer of ``name_or_path`` cannot be loaded, or ``None``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    load = AutoConfig if what == "config" else AutoTokenizer
+    try:
+        load.from_pretrained(name_or_path)
+    except Exception as error:  # hub and file errors come in many types
+        text = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return None
+
+
+def checkpoint_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The windowing and decoding a checkpoint was trained with, by :class:`InferenceSettings`
+    field (``null_score_diff_threshold`` may be ``best``); what an earlier version's checkpoint
+    lacks is left out."""
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    hparams = checkpoint.get("hyper_parameters") or {}
+    settings = {}
+    for field in fields(InferenceSettings):
+        value = data.get(field.name)
+        if value is None:
+            value = hparams.get(field.name)
+        if value is not None:
+            settings[field.name] = value
+    return settings
+
+
+def tuned_null_threshold(checkpoint: dict[str, Any], ckpt_path: str | Path) -> float:
+    """``best_f1_thresh`` of the checkpoint's last validation, the threshold that
+    ``postprocess.null_score_diff_threshold=best`` serves."""
+    threshold = (checkpoint.get("qa_last_scores") or {}).get("best_f1_thresh")
+    if threshold is None:
+        raise ExportError(
+            f"ckpt_path='{ckpt_path}' was trained with postprocess.null_score_diff_threshold=best "
+            "but holds no validation's best_f1_thresh (it was saved before a validation ran, or "
+            "by an earlier qa_lightning version); export a checkpoint saved after a validation "
+            "(e.g. the run's best-*.ckpt), or give the threshold to predict as "
+            "null_score_diff_threshold=NUMBER."
+        )
+    return float(threshold)
+
+
 def load_checkpoint(ckpt_path: str | Path) -> Exported:
-    """The Hugging Face model inside a training checkpoint, with its tokenizer and settings."""
+    """The Hugging Face model inside a training checkpoint, with its tokenizer and settings
+    (``null_score_diff_threshold=best`` resolved to the tuned threshold)."""
     from qa_lightning.model import load_qa_model
 
     checkpoint = read_checkpoint(ckpt_path)
     model_config = checkpoint_model_config(checkpoint, ckpt_path)
-    # the weights come from the checkpoint: build the architecture without loading pretrained ones
-    model = load_qa_model(model_config["name_or_path"], True, model_config["config_overrides"])
+    with tempfile.TemporaryDirectory(prefix="qa_lightning_checkpoint_") as directory:
+        source = checkpoint_model_source(checkpoint, ckpt_path, directory)
+        # the weights come from the checkpoint: build the architecture without pretrained ones
+        model = load_qa_model(source.name_or_path, True, source.config_overrides)
+        tokenizer = load_tokenizer(source.tokenizer_name_or_path)
     state = {
         key.removeprefix("model."): value
         for key, value in checkpoint["state_dict"].items()
@@ -98,16 +198,18 @@ def load_checkpoint(ckpt_path: str | Path) -> Exported:
             f"the weights of ckpt_path='{ckpt_path}' do not fit model "
             f"'{model_config['name_or_path']}': {str(error).splitlines()[0]}"
         ) from error
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    hparams = checkpoint["hyper_parameters"]
-    settings = InferenceSettings().updated(
-        max_length=data.get("max_length"),
-        stride=data.get("stride"),
-        max_question_tokens=data.get("max_question_tokens"),
-        n_best=hparams.get("n_best"),
-        max_answer_length=hparams.get("max_answer_length"),
-    )
-    tokenizer = load_tokenizer(data.get("tokenizer_name_or_path") or model_config["name_or_path"])
+    saved = checkpoint_settings(checkpoint)
+    if saved.get("null_score_diff_threshold") == NULL_THRESHOLD_BEST:
+        if saved.get("version_2_with_negative"):
+            saved["null_score_diff_threshold"] = tuned_null_threshold(checkpoint, ckpt_path)
+            log.info(
+                "null_score_diff_threshold=best: exporting %s, the best_f1_thresh of the "
+                "checkpoint's last validation",
+                saved["null_score_diff_threshold"],
+            )
+        else:  # SQuAD v1.1: no null answers, the threshold is not used
+            del saved["null_score_diff_threshold"]
+    settings = InferenceSettings().updated(**saved)
     return Exported(model.eval(), tokenizer, settings)
 
 

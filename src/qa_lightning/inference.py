@@ -5,7 +5,8 @@ A question's candidates are the ``n_best`` best spans of each of its windows
 (:func:`~qa_lightning.postprocess.best_window_spans`); the same span found in overlapping windows
 is kept once with its best score; the ``n_best`` best candidates are turned into probabilities by a
 softmax over their scores (``start_logit + end_logit``), as ``utils_qa.py`` does. The best answer
-is therefore the one evaluation scores.
+is therefore the one evaluation scores. A SQuAD v2 model (``version_2_with_negative`` in its
+settings) also has the null answer ``""`` among its candidates (see :func:`rank_answers`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from qa_lightning.data.sampling import sorted_batches
 from qa_lightning.data.windowing import make_eval_windows, truncate_questions
 from qa_lightning.errors import ConfigError, InputError
 from qa_lightning.hardware import cpu_bf16_warning
-from qa_lightning.postprocess import best_window_spans
+from qa_lightning.postprocess import best_window_spans, example_null_scores
 from qa_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,38 @@ AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": to
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """Windowing (as ``data.*``) and decoding (as ``model.*``) settings (reference defaults)."""
+    """Windowing (as ``data.*``) and decoding (as ``postprocess.*``) settings (reference
+    defaults). With ``version_2_with_negative`` (SQuAD v2) a question is answered ``""`` when its
+    null score beats its best span's score by more than ``null_score_diff_threshold``."""
 
     max_length: int = 384
     stride: int = 128
     max_question_tokens: int = 64
     n_best: int = 20
     max_answer_length: int = 30
+    version_2_with_negative: bool = False
+    null_score_diff_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if field.name == "version_2_with_negative":
+                if not isinstance(value, bool):
+                    raise ConfigError(
+                        f"invalid setting {field.name}={value!r}: must be true or false."
+                    )
+            elif field.name == "null_score_diff_threshold":
+                if not (
+                    isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                    and np.isfinite(value)
+                ):
+                    raise ConfigError(
+                        f"invalid setting {field.name}={value!r}: must be a number (e.g. 0.0); "
+                        "best is resolved when a checkpoint is exported, from its last "
+                        "validation."
+                    )
+            elif not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(
                     f"invalid setting {field.name}={value!r}: must be an integer "
                     f"(e.g. {field.name}={field.default})."
@@ -91,7 +112,7 @@ class InferenceSettings:
         except ConfigError as error:
             raise ConfigError(f"'{path}': {error} Fix the file or re-export the model.") from error
 
-    def updated(self, **overrides: int | None) -> InferenceSettings:
+    def updated(self, **overrides: float | None) -> InferenceSettings:
         """A copy with the overrides that are not ``None``."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -239,12 +260,22 @@ def rank_answers(
     end_chars: np.ndarray,
     n_best: int = 20,
     top_k: int = 1,
+    null_score: float | None = None,
+    null_score_diff_threshold: float = 0.0,
 ) -> list[Answer]:
     """The ``top_k`` best of one question's window candidates, best first.
 
     Identical spans (from overlapping windows) are merged keeping their best score; probabilities
     are a softmax over the scores of the ``n_best`` best distinct spans. Candidates with score
     ``-inf`` are invalid and dropped; no valid candidate gives ``[]``.
+
+    With a ``null_score`` (SQuAD v2: the question's smallest CLS start + end logit over its
+    windows) the null answer ``""`` (``start == end == 0``) is a candidate too, as in
+    ``utils_qa.py``: it takes part in the softmax even when it is not among the ``n_best`` best.
+    It ranks above the spans that it beats by more than ``null_score_diff_threshold``, so it is
+    the best answer exactly when evaluation predicts ``""``; at threshold 0 the answers are
+    ranked by probability, as the question-answering pipeline ranks them with
+    ``handle_impossible_answer``.
     """
     best: dict[tuple[int, int], float] = {}
     for score, start, end in zip(
@@ -252,15 +283,28 @@ def rank_answers(
     ):
         if np.isfinite(score) and score > best.get((start, end), -np.inf):
             best[(start, end)] = score
-    ranked = sorted(best.items(), key=lambda item: -item[1])[:n_best]
-    if not ranked:
+    # (start, end, score, is_null)
+    candidates = [(int(start), int(end), score, False) for (start, end), score in best.items()]
+    null = (0, 0, float(null_score), True) if null_score is not None else None
+    kept = sorted([*candidates, *([null] if null else [])], key=lambda c: -c[2])[:n_best]
+    if null and null not in kept:
+        kept.append(null)
+    if not kept:
         return []
-    values = np.array([score for _, score in ranked], dtype=np.float64)
+    values = np.array([c[2] for c in kept], dtype=np.float64)
     probabilities = np.exp(values - values.max())
     probabilities /= probabilities.sum()
+    # the null answer competes with its score lowered by the threshold, and loses ties
+    order = sorted(
+        range(len(kept)),
+        key=lambda i: (
+            -(kept[i][2] - (null_score_diff_threshold if kept[i][3] else 0.0)),
+            kept[i][3],
+        ),
+    )
     return [
-        Answer(context[start:end], float(p), int(start), int(end))
-        for ((start, end), _), p in zip(ranked[:top_k], probabilities, strict=False)
+        Answer(context[kept[i][0] : kept[i][1]], float(probabilities[i]), kept[i][0], kept[i][1])
+        for i in order[:top_k]
     ]
 
 
@@ -296,7 +340,7 @@ class QuestionAnswerer:
         device: str = "auto",
         batch_size: int = 32,
         precision: str = "auto",
-        **settings: int | None,
+        **settings: float | None,
     ) -> QuestionAnswerer:
         """A Hugging Face model directory (e.g. a training run's ``hf_model/``) run with PyTorch
         on ``device`` in ``precision`` (see :func:`resolve_precision`).
@@ -323,7 +367,7 @@ class QuestionAnswerer:
         onnx_path: str | Path,
         tokenizer_dir: str | Path | None = None,
         batch_size: int = 32,
-        **settings: int | None,
+        **settings: float | None,
     ) -> QuestionAnswerer:
         """An ONNX model run with onnxruntime; tokenizer and settings from ``tokenizer_dir``,
         by default the ONNX file's directory (where :mod:`qa_lightning.export` puts them)."""
@@ -382,6 +426,7 @@ class QuestionAnswerer:
         keys = [k for k in windows if k != "length"]
         # longest first as in evaluation (memory runs out, if it does, on the first batch)
         window_of, candidates = [], []
+        window_nulls = np.zeros(len(windows["length"]))
         for rows in sorted_batches(windows["length"], self.batch_size, self.equal_length):
             batch = self.collator([{k: windows[k][i] for k in keys} for i in rows])
             spans = best_window_spans(
@@ -391,6 +436,7 @@ class QuestionAnswerer:
                 s.max_answer_length,
                 top_k=s.n_best,
             )
+            window_nulls[rows] = spans.null_scores.numpy()
             window_of.append(np.repeat(rows, spans.scores.shape[1]))
             candidates.append(
                 [t.flatten().numpy() for t in (spans.scores, spans.start_chars, spans.end_chars)]
@@ -400,12 +446,17 @@ class QuestionAnswerer:
         index = np.asarray(windows["example_index"])[window[by_window]]
         flat = [np.concatenate(parts)[by_window] for parts in zip(*candidates, strict=True)]
         bounds = np.searchsorted(index, np.arange(len(questions) + 1))
+        nulls = example_null_scores(
+            np.asarray(windows["example_index"]), window_nulls, len(questions)
+        )
         return [
             rank_answers(
                 contexts[i],
                 *(values[bounds[i] : bounds[i + 1]] for values in flat),
                 n_best=s.n_best,
                 top_k=top_k,
+                null_score=float(nulls[i]) if s.version_2_with_negative else None,
+                null_score_diff_threshold=s.null_score_diff_threshold,
             )
             for i in range(len(questions))
         ]

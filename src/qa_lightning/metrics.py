@@ -65,21 +65,32 @@ def squad_v2_scores(
     answers: Mapping[str, str],
     na_probs: Mapping[str, float],
     references: Mapping[str, Sequence[str]],
-    threshold: float = 0.0,
+    threshold: float | str = 0.0,
 ) -> dict[str, float]:
     """Official SQuAD v2 metrics in percent.
 
     ``answers`` are the best non-null answers, ``na_probs`` the no-answer scores (null score minus
     best span score); a question is answered ``""`` when its no-answer score exceeds
-    ``threshold``. ``best_exact``/``best_f1`` and their thresholds come from sweeping it.
+    ``threshold``. ``best_exact``/``best_f1`` and their thresholds come from sweeping it;
+    ``threshold="best"`` applies ``best_f1_thresh``. ``null_score_diff_threshold`` is the
+    threshold applied. A question is HasAns when it has any reference answer (as the official
+    script's ``make_qid_to_has_ans``), even one that normalises to nothing.
     """
     if not references:
         raise ValueError("cannot score an empty set of questions")
-    has_answer = {q: any(_normalize_text(r) for r in refs) for q, refs in references.items()}
-    final = {q: "" if na_probs[q] > threshold else answers.get(q, "") for q in references}
-    scores = {q: _question_scores(final[q], references[q]) for q in references}
+    has_answer = {q: bool(refs) for q, refs in references.items()}
     raw = {q: _question_scores(answers.get(q, ""), references[q]) for q in references}
     answered = {q: bool(answers.get(q, "")) for q in references}
+    best_scores: dict[str, float] = {}
+    for i, name in enumerate(("exact", "f1")):
+        best, best_threshold = _best_threshold(
+            {q: raw[q][i] for q in raw}, na_probs, has_answer, answered
+        )
+        best_scores[f"best_{name}"], best_scores[f"best_{name}_thresh"] = best, best_threshold
+    if threshold == "best":
+        threshold = best_scores["best_f1_thresh"]
+    final = {q: "" if na_probs[q] > threshold else answers.get(q, "") for q in references}
+    scores = {q: _question_scores(final[q], references[q]) for q in references}
     out: dict[str, float] = {}
     for prefix, qids in (
         ("", list(references)),
@@ -90,9 +101,4 @@ def squad_v2_scores(
             out[f"{prefix}exact"] = 100.0 * sum(scores[q][0] for q in qids) / len(qids)
             out[f"{prefix}f1"] = 100.0 * sum(scores[q][1] for q in qids) / len(qids)
             out[f"{prefix}total"] = float(len(qids))
-    for i, name in enumerate(("exact", "f1")):
-        best, best_threshold = _best_threshold(
-            {q: raw[q][i] for q in raw}, na_probs, has_answer, answered
-        )
-        out[f"best_{name}"], out[f"best_{name}_thresh"] = best, best_threshold
-    return out
+    return {**out, **best_scores, "null_score_diff_threshold": float(threshold)}

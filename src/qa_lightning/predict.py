@@ -25,7 +25,15 @@ from qa_lightning.inference import (
 log = logging.getLogger(__name__)
 register_resolvers()
 
-SETTING_KEYS = ("max_length", "stride", "max_question_tokens", "n_best", "max_answer_length")
+SETTING_KEYS = (
+    "max_length",
+    "stride",
+    "max_question_tokens",
+    "n_best",
+    "max_answer_length",
+    "version_2_with_negative",
+    "null_score_diff_threshold",
+)
 
 
 def load_answerer(cfg: DictConfig) -> QuestionAnswerer:

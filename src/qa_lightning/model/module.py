@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModelForQuestionAnswering, get_schedule
 
 from qa_lightning.errors import ConfigError
 from qa_lightning.metrics import squad_v1_scores, squad_v2_scores
+from qa_lightning.model_files import CHECKPOINT_KEY as MODEL_FILES_KEY
+from qa_lightning.model_files import model_files
 from qa_lightning.postprocess import best_window_spans, example_answers, window_rows
 from qa_lightning.tokenizer import OFFLINE_HINT
 
@@ -79,7 +81,7 @@ class QAModule(L.LightningModule):
         n_best: int = 20,
         max_answer_length: int = 30,
         version_2_with_negative: bool = False,
-        null_score_diff_threshold: float = 0.0,
+        null_score_diff_threshold: float | str = 0.0,
     ) -> None:
         super().__init__()
         config_overrides = _plain(config_overrides)  # saved as a plain dict in checkpoints
@@ -94,6 +96,7 @@ class QAModule(L.LightningModule):
         self.last_predictions: dict[str, str] = {}
         self.last_scores: dict[str, float] = {}
         self._val_spans: list[torch.Tensor] = []
+        self._model_files: dict[str, Any] | None = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
@@ -136,9 +139,9 @@ class QAModule(L.LightningModule):
         answers = example_answers(spans, ids, examples["context"][:])
         references = {qid: a["text"] for qid, a in zip(ids, examples["answers"][:], strict=True)}
         if self.hparams.version_2_with_negative:
-            threshold = self.hparams.null_score_diff_threshold
-            predictions = answers.predictions(threshold)
+            threshold = self.hparams.null_score_diff_threshold  # a number, or "best"
             v2 = squad_v2_scores(answers.answers, answers.null_diffs, references, threshold)
+            predictions = answers.predictions(v2["null_score_diff_threshold"])
             scores = {"em": v2["exact"], "f1": v2["f1"], **v2}
         else:
             predictions = answers.predictions()
@@ -224,12 +227,23 @@ class QAModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Besides the best scores: the last validation's scores (its ``best_f1_thresh`` is what
+        ``null_score_diff_threshold=best`` exports) and the model's config and tokenizer files,
+        so that the checkpoint rebuilds its model without ``name_or_path``."""
         checkpoint["qa_best"] = {"scores": self.best, "predictions": self.best_predictions}
+        checkpoint["qa_last_scores"] = dict(self.last_scores)
+        if self._model_files is None:
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
+            self._model_files = model_files(
+                self.model.config, getattr(datamodule, "tokenizer", None)
+            )
+        checkpoint[MODEL_FILES_KEY] = self._model_files
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("qa_best")
         if saved:
             self.best, self.best_predictions = saved["scores"], saved["predictions"]
+        self.last_scores = dict(checkpoint.get("qa_last_scores") or {})
 
 
 def _plain(overrides: Any) -> dict[str, Any] | None:
