@@ -46,6 +46,7 @@ def configure_model_source(cfg: DictConfig) -> dict[str, str]:
             "model directory, e.g. outputs/train/RUN/hf_model)."
         )
     with open_dict(cfg):
+        cfg.model.keep_layers = None  # the checkpoint's (or directory's) config has its layers
         if ckpt_path:
             model_config = checkpoint_model_config(read_checkpoint(ckpt_path), ckpt_path)
             # architecture only: the weights are restored from the checkpoint by trainer.validate
