@@ -116,6 +116,10 @@ def validate_model_config(model: DictConfig) -> None:
     _check(warmup is None or 0 <= warmup < 1, "model.warmup_ratio", warmup, "use [0, 1).")
     eps = _number(model, "adam_epsilon", "model", False, "1e-8")
     _check(eps is None or eps > 0, "model.adam_epsilon", eps, "must be > 0 (e.g. 1e-8).")
+    if model.get("keep_layers") is not None:
+        from qa_lightning.model.layers import validate_keep_layers
+
+        validate_keep_layers(model)
 
 
 def validate_decoding_config(postprocess: DictConfig) -> None:

@@ -102,6 +102,7 @@ def configure_model_source(cfg: DictConfig) -> dict[str, str]:
             "model directory, e.g. outputs/train/RUN/hf_model)."
         )
     with open_dict(cfg):
+        cfg.model.keep_layers = None  # the checkpoint's (or directory's) config has its layers
         if ckpt_path:
             checkpoint = read_checkpoint(ckpt_path)
             directory = Path(cfg.paths.output_dir) / CHECKPOINT_MODEL_DIR

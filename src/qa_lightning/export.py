@@ -68,17 +68,19 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
 
 
 def checkpoint_model_config(checkpoint: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:
-    """``name_or_path`` and ``config_overrides`` of the checkpoint's ``QAModule``."""
+    """``name_or_path`` and ``config_overrides`` of the checkpoint's ``QAModule``: the config
+    that builds its architecture. A student (``keep_layers``) is ``name_or_path``'s config with
+    ``num_hidden_layers`` = the number of layers it kept."""
     hparams = checkpoint.get("hyper_parameters") or {}
     if "name_or_path" not in hparams:
         raise ConfigError(
             f"ckpt_path='{ckpt_path}' is not a qa_lightning checkpoint (its hyperparameters have "
             "no name_or_path); give a checkpoint written by python -m qa_lightning.train."
         )
-    return {
-        "name_or_path": str(hparams["name_or_path"]),
-        "config_overrides": _plain(hparams.get("config_overrides")),
-    }
+    overrides = _plain(hparams.get("config_overrides"))
+    if hparams.get("keep_layers") is not None:
+        overrides = {**(overrides or {}), "num_hidden_layers": len(hparams["keep_layers"])}
+    return {"name_or_path": str(hparams["name_or_path"]), "config_overrides": overrides}
 
 
 @dataclass(frozen=True)

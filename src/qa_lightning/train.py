@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qa_lightning.cli import explain_out_of_memory, report_errors
 from qa_lightning.config import register_resolvers, validate_max_length, validate_train_config
+from qa_lightning.distill import attach_teacher_logits, check_teacher
 from qa_lightning.errors import ConfigError, TrainingError
 from qa_lightning.export import read_checkpoint, try_export_hf
 from qa_lightning.hardware import cpu_bf16_warning
@@ -114,7 +115,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dir. Returns the metrics written."""
     validate_train_config(cfg)
     ckpt_path = resume_checkpoint(cfg)  # an unreadable checkpoint fails before any work
-    validate_max_length(cfg.data.max_length, load_tokenizer(cfg.data.tokenizer_name_or_path))
+    tokenizer = load_tokenizer(cfg.data.tokenizer_name_or_path)
+    validate_max_length(cfg.data.max_length, tokenizer)
+    if cfg.get("distill"):  # the teacher exists and shares the student's tokenizer
+        check_teacher(cfg.distill, tokenizer, cfg.data.max_length)
     if warning := cpu_bf16_warning(str(cfg.trainer.accelerator), str(cfg.trainer.precision)):
         log.warning(warning)
     L.seed_everything(cfg.seed, workers=True)
@@ -128,6 +132,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # data errors surface before the model is loaded
+    if cfg.get("distill"):  # the teacher's logits of every training window, once (cached)
+        attach_teacher_logits(datamodule, cfg.distill, trainer.strategy.root_device)
     model = instantiate(cfg.model)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

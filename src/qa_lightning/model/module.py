@@ -10,8 +10,10 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from transformers import AutoConfig, AutoModelForQuestionAnswering, get_scheduler
 
+from qa_lightning.distill import batch_distillation_loss, mixed_loss
 from qa_lightning.errors import ConfigError
 from qa_lightning.metrics import squad_v1_scores, squad_v2_scores
+from qa_lightning.model.layers import select_layers
 from qa_lightning.model_files import CHECKPOINT_KEY as MODEL_FILES_KEY
 from qa_lightning.model_files import model_files
 from qa_lightning.postprocess import best_window_spans, example_answers, window_rows
@@ -34,10 +36,14 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight",
 
 
 def load_qa_model(
-    name_or_path: str, from_scratch: bool = False, config_overrides: dict | None = None
+    name_or_path: str,
+    from_scratch: bool = False,
+    config_overrides: dict | None = None,
+    keep_layers: list[int] | None = None,
 ) -> torch.nn.Module:
     """A pretrained QA model, or with ``from_scratch`` a randomly initialised one whose config is
-    ``name_or_path``'s updated with ``config_overrides`` (e.g. a 2-layer model for tests).
+    ``name_or_path``'s updated with ``config_overrides`` (e.g. a 2-layer model for tests); with
+    ``keep_layers`` only those transformer layers of it (a student, see :mod:`.layers`).
 
     Weights are fp32 whatever the checkpoint stores (transformers 5 keeps a fp16/bf16 checkpoint's
     dtype): mixed precision trains fp32 master weights, and 16-mixed's grad scaler rejects fp16.
@@ -45,10 +51,11 @@ def load_qa_model(
     try:
         if from_scratch:
             config = AutoConfig.from_pretrained(name_or_path, **(config_overrides or {}))
-            return AutoModelForQuestionAnswering.from_config(config)
-        return AutoModelForQuestionAnswering.from_pretrained(
-            name_or_path, **(config_overrides or {})
-        ).float()
+            model = AutoModelForQuestionAnswering.from_config(config)
+        else:
+            model = AutoModelForQuestionAnswering.from_pretrained(
+                name_or_path, **(config_overrides or {})
+            ).float()
     except Exception as error:  # hub, file and config errors come in many types
         text = str(error).strip().splitlines()
         raise ConfigError(
@@ -57,6 +64,7 @@ def load_qa_model(
             + (" and model.config_overrides" if config_overrides else "")
             + f". {OFFLINE_HINT}"
         ) from error
+    return model if keep_layers is None else select_layers(model, keep_layers)
 
 
 class QAModule(L.LightningModule):
@@ -82,11 +90,15 @@ class QAModule(L.LightningModule):
         max_answer_length: int = 30,
         version_2_with_negative: bool = False,
         null_score_diff_threshold: float | str = 0.0,
+        keep_layers: list[int] | None = None,
+        distill: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         config_overrides = _plain(config_overrides)  # saved as a plain dict in checkpoints
+        keep_layers = None if keep_layers is None else list(keep_layers)
+        distill = _plain(distill)  # teacher, temperature, alpha (conf/distill/); None: no teacher
         self.save_hyperparameters()
-        self.model = load_qa_model(name_or_path, from_scratch, config_overrides)
+        self.model = load_qa_model(name_or_path, from_scratch, config_overrides, keep_layers)
         # from_pretrained returns eval mode and Lightning keeps submodule modes: train with dropout
         self.model.train()
         if compile:
@@ -102,8 +114,7 @@ class QAModule(L.LightningModule):
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        inputs = {k: batch[k] for k in (*MODEL_INPUTS, "start_positions", "end_positions")}
-        loss = self.model(**{k: v for k, v in inputs.items() if k in batch}).loss
+        loss = self.training_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}. Likely "
@@ -112,6 +123,18 @@ class QAModule(L.LightningModule):
             )
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's cross-entropy on the labels; with ``distill``, mixed with the teacher's
+        soft targets (:func:`~qa_lightning.distill.mixed_loss`), both parts logged."""
+        inputs = {k: batch[k] for k in (*MODEL_INPUTS, "start_positions", "end_positions")}
+        outputs = self.model(**{k: v for k, v in inputs.items() if k in batch})
+        if not self.hparams.distill:
+            return outputs.loss
+        distill_loss = batch_distillation_loss(outputs, batch, self.hparams.distill["temperature"])
+        self.log("train/loss_distill", distill_loss, on_step=True, on_epoch=True)
+        self.log("train/loss_label", outputs.loss, on_step=True, on_epoch=True)
+        return mixed_loss(outputs.loss, distill_loss, self.hparams.distill["alpha"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         outputs = self(batch)
