@@ -114,6 +114,13 @@ def validate_model_config(model: DictConfig) -> None:
     _check(warmup is None or 0 <= warmup < 1, "model.warmup_ratio", warmup, "use [0, 1).")
     eps = _number(model, "adam_epsilon", "model", False, "1e-8")
     _check(eps is None or eps > 0, "model.adam_epsilon", eps, "must be > 0 (e.g. 1e-8).")
+    optimizer = model.get("optimizer")
+    _check(
+        isinstance(optimizer, DictConfig) and "_target_" in optimizer,
+        "model.optimizer",
+        optimizer,
+        "choose an optimizer config, e.g. model/optimizer=adamw (conf/model/optimizer/).",
+    )
 
 
 def validate_decoding_config(postprocess: DictConfig) -> None:

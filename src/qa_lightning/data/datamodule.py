@@ -66,7 +66,9 @@ class SquadDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # in checkpoints; loggers get the whole resolved config from the entry point instead
+        # (this holds the reader function, which YAML cannot hold)
+        self.save_hyperparameters(logger=False)
         self.tokenizer: Any = None
         self.train_windows: datasets.Dataset | None = None
         self.val_windows: datasets.Dataset | None = None
