@@ -66,9 +66,10 @@ class SquadDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        # in checkpoints; loggers get the whole resolved config from the entry point instead
-        # (this holds the reader function, which YAML cannot hold)
-        self.save_hyperparameters(logger=False)
+        # the reader stays out of checkpoints (it would pickle Hydra's wrapper class); the run
+        # dir's config_resolved.yaml records it
+        self.save_hyperparameters(ignore=["reader"])
+        self.reader = reader
         self.tokenizer: Any = None
         self.train_windows: datasets.Dataset | None = None
         self.val_windows: datasets.Dataset | None = None
@@ -85,7 +86,7 @@ class SquadDataModule(L.LightningDataModule):
         samples = hp.train_samples if split == "train" else hp.validation_samples
         if data_file:
             source = f"'{data_file}'"
-            examples = load_local_file(data_file, hp.reader)
+            examples = load_local_file(data_file, self.reader)
         elif hp.dataset_name:
             hub_split = hp.train_split if split == "train" else hp.validation_split
             source = f"hub dataset '{hp.dataset_name}' split '{hub_split}'"

@@ -87,9 +87,10 @@ class QAModule(L.LightningModule):
     ) -> None:
         super().__init__()
         config_overrides = _plain(config_overrides)  # saved as a plain dict in checkpoints
-        # in checkpoints; loggers get the whole resolved config from the entry point instead
-        # (these hold the optimizer and scheduler factories, which YAML cannot hold)
-        self.save_hyperparameters(logger=False)
+        # the factories stay out of checkpoints (they would pickle Hydra's wrapper classes); the
+        # run dir's config_resolved.yaml records them
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.model = load_qa_model(name_or_path, from_scratch, config_overrides)
         # from_pretrained returns eval mode and Lightning keeps submodule modes: train with dropout
         self.model.train()
@@ -188,19 +189,19 @@ class QAModule(L.LightningModule):
         fused = hp.fused_optimizer
         if fused is None:  # fused kernels exist for both; on CPU the step is ~6x faster
             fused = self.device.type in FUSED_ADAMW_DEVICES
-        settings = _unset_arguments(hp.optimizer, lr=hp.lr, eps=hp.adam_epsilon, fused=fused)
-        optimizer = hp.optimizer(
+        settings = _unset_arguments(self.make_optimizer, lr=hp.lr, eps=hp.adam_epsilon, fused=fused)
+        optimizer = self.make_optimizer(
             [
                 {"params": decay, "weight_decay": hp.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             **settings,
         )
-        if hp.scheduler is None:
+        make_scheduler = self.make_scheduler
+        if make_scheduler is None:
             return {"optimizer": optimizer}
-        make_scheduler = (
-            partial(get_scheduler, hp.scheduler) if isinstance(hp.scheduler, str) else hp.scheduler
-        )
+        if isinstance(make_scheduler, str):
+            make_scheduler = partial(get_scheduler, make_scheduler)
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = make_scheduler(
             optimizer=optimizer,
