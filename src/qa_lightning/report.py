@@ -260,9 +260,13 @@ def plot_png(rows: list[dict[str, Any]], title: str = "", x: str | None = None) 
     for ax, (panel, lines) in zip(axes.flat, panels, strict=False):
         for label, points in sorted(lines.items(), key=lambda item: _natural_key(item[0])):
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        xs = [p[0] for points in lines.values() for p in points]
-        if xs and all(_is_number(v) and v > 0 for v in xs) and max(xs) >= 10 * min(xs):
-            ax.set_xscale("log")
+        xs = sorted({p[0] for points in lines.values() for p in points}, key=str)
+        if xs and all(_is_number(v) for v in xs):
+            if min(xs) > 0 and max(xs) >= 10 * min(xs):
+                ax.set_xscale("log")
+            if len(xs) <= 12:  # ticks at the swept values, as written in the table
+                ax.set_xticks(xs, [_fmt_value(v) for v in xs], minor=False)
+                ax.minorticks_off()
         if any(lines):
             ax.legend()
         if not lines:
