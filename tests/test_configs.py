@@ -12,13 +12,15 @@ from qa_lightning.errors import ConfigError
 from tests.conftest import CONF_DIR
 
 GROUPS = ["data", "model", "trainer", "callbacks", "logger", "paths", "experiment"]
-# data=local needs its files: give it the shipped demo files
+# data=local needs its files: give it the shipped demo files (data=mrqa too: only their existence
+# is checked here)
 FILLED = {
     "local": [
         "data.train_file=${qa_resource:demo/train.json}",
         "data.validation_file=${qa_resource:demo/validation.json}",
     ]
 }
+FILLED["mrqa"] = FILLED["local"]
 
 
 def options(group: str) -> list[str]:

@@ -120,6 +120,13 @@ def validate_model_config(model: DictConfig) -> None:
         from qa_lightning.model.layers import validate_keep_layers
 
         validate_keep_layers(model)
+    optimizer = model.get("optimizer")
+    _check(
+        isinstance(optimizer, DictConfig) and "_target_" in optimizer,
+        "model.optimizer",
+        optimizer,
+        "choose an optimizer config, e.g. model/optimizer=adamw (conf/model/optimizer/).",
+    )
 
 
 def validate_decoding_config(postprocess: DictConfig) -> None:

@@ -1,9 +1,12 @@
 """Summary of a sweep (Hydra multirun): ``python -m qa_lightning.report SWEEP_DIR``.
 
-Writes to the sweep dir ``summary.csv`` and ``summary.md`` (one row per run: overrides, best
-EM/F1, epoch of the best, wall time, status; best F1 first) and ``summary.png`` (best F1 against
-the learning rate, one line per stride). A run without ``metrics.json`` (it raised, or was killed)
-is listed as failed, with the last line of its ``error.txt`` when there is one.
+Writes to the sweep dir ``summary.csv`` and ``summary.md`` (one row per run: a column per swept
+key, best EM/F1, epoch of the best, wall time, status; best F1 first) and ``summary.png`` (best F1
+against one numeric swept key, one line per value of the next, one panel per value of the rest).
+The swept keys are the overrides (``<run>/.hydra/overrides.yaml``) whose values differ between
+runs, whatever they are: ``model.lr`` x ``data.stride``, ``model.warmup_ratio`` x
+``data.batch_size``, ``model=...`` ... A run without ``metrics.json`` (it raised, or was killed) is
+listed as failed, with the last line of its ``error.txt`` when there is one.
 
 :class:`SweepSummary`, a Hydra callback (``conf/hydra/default.yaml``), writes the summary after
 every job of a multirun and at its end, and each failed job's traceback to ``<run>/error.txt``.
@@ -25,26 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+_ABSENT = object()  # an override that a run does not have
 
-COLUMNS = [
-    "run",
-    "status",
-    "f1",
-    "em",
-    "best_epoch",
-    "wall_time_s",
-    "lr",
-    "stride",
-    "overrides",
-    "error",
-]
+SCORE_COLUMNS = ["f1", "em", "best_epoch", "wall_time_s"]
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
+#: More panels than this: one panel, a line per combination of the keys not on the x axis.
+MAX_PANELS = 9
 
 
 def find_runs(sweep_dir: str | Path) -> list[Path]:
@@ -55,13 +52,30 @@ def find_runs(sweep_dir: str | Path) -> list[Path]:
     return sorted(runs, key=lambda p: _natural_key(p.relative_to(sweep_dir).as_posix()))
 
 
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``{key: value}`` of Hydra overrides, typed by Hydra's parser: ``model.lr=1e-3`` -> 0.001,
+    ``data.batch_size=16`` -> 16, ``model=tiny`` -> ``"tiny"``; lists and dicts stay text."""
+    parser = OverridesParser.create()
+    params: dict[str, Any] = {}
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except OverrideParseException:
+            key, _, value = text.partition("=")
+            params[key.lstrip("+~")] = value
+            continue
+        key = override.key_or_group + (f"@{override.package}" if override.package else "")
+        value = override.value()
+        scalar = value is None or isinstance(value, str | int | float)
+        params[key] = value if scalar else override.get_value_element_as_str()
+    return params
+
+
 def read_run(run_dir: str | Path, sweep_dir: str | Path | None = None) -> dict[str, Any]:
-    """One row of the summary (see :data:`COLUMNS`); numbers are ``None`` for a failed run."""
+    """One row of the summary; ``params`` holds the run's overrides as ``{key: value}``, scores
+    are ``None`` for a failed run."""
     run_dir = Path(run_dir)
-    overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml") or []
-    config = _read_yaml(run_dir / "config_resolved.yaml") or _read_yaml(
-        run_dir / ".hydra" / "config.yaml"
-    )
+    overrides = [str(o) for o in _read_yaml(run_dir / ".hydra" / "overrides.yaml") or []]
     row: dict[str, Any] = {
         "run": run_dir.relative_to(sweep_dir).as_posix() if sweep_dir else run_dir.name,
         "status": "failed",
@@ -69,9 +83,8 @@ def read_run(run_dir: str | Path, sweep_dir: str | Path | None = None) -> dict[s
         "em": None,
         "best_epoch": None,
         "wall_time_s": None,
-        "lr": _number(_select(config, "model", "lr")),
-        "stride": _number(_select(config, "data", "stride")),
-        "overrides": " ".join(str(o) for o in overrides),
+        "params": parse_overrides(overrides),
+        "overrides": " ".join(overrides),
         "error": "",
     }
     metrics_file = run_dir / "metrics.json"
@@ -118,8 +131,16 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return ok + [r for r in rows if r["status"] != "ok"]
 
 
-def write_report(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` to ``sweep_dir``; returns the rows.
+def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The override keys whose values differ between runs (absent counts as a value), in the
+    order they first appear."""
+    keys = dict.fromkeys(key for row in rows for key in row["params"])
+    return [key for key in keys if len({repr(row["params"].get(key, _ABSENT)) for row in rows}) > 1]
+
+
+def write_report(sweep_dir: str | Path, x: str | None = None) -> list[dict[str, Any]]:
+    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` (x axis: the swept key ``x``, by
+    default chosen by :func:`plot_data`) to ``sweep_dir``; returns the rows.
 
     Each file is replaced atomically: jobs of a parallel launcher may write at the same time.
     """
@@ -128,7 +149,7 @@ def write_report(sweep_dir: str | Path) -> list[dict[str, Any]]:
     _write_atomic(sweep_dir / "summary.csv", to_csv(rows).encode())
     _write_atomic(sweep_dir / "summary.md", to_markdown(rows, title=sweep_dir.name).encode())
     try:
-        png = plot_png(rows, title=sweep_dir.name)
+        png = plot_png(rows, title=sweep_dir.name, x=x)
     except ImportError:
         log.warning("no summary.png: it needs matplotlib (pip install 'qa-lightning[sweep]')")
     else:
@@ -136,16 +157,25 @@ def write_report(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """``summary.csv``'s columns: run, status, the swept keys, the scores, overrides, error."""
+    return ["run", "status", *swept_keys(rows), *SCORE_COLUMNS, "overrides", "error"]
+
+
 def to_csv(rows: list[dict[str, Any]]) -> str:
+    fields = columns(rows)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: "" if row[k] is None else row[k] for k in COLUMNS} for row in rows)
+    for row in rows:
+        cells = {**row["params"], **{k: v for k, v in row.items() if k != "params"}}
+        writer.writerow({k: "" if cells.get(k) is None else cells[k] for k in fields})
     return out.getvalue()
 
 
 def to_markdown(rows: list[dict[str, Any]], title: str = "") -> str:
-    """A table whose overrides column keeps what differs between runs; the rest is listed above."""
+    """A table with a column per swept key; the overrides shared by every run are listed above."""
+    keys = swept_keys(rows)
     split = [row["overrides"].split() for row in rows]
     common = set.intersection(*map(set, split)) if split else set()
     failed = sum(row["status"] != "ok" for row in rows)
@@ -157,17 +187,17 @@ def to_markdown(rows: list[dict[str, Any]], title: str = "") -> str:
     if common:
         shared = " ".join(o for o in split[0] if o in common)
         lines.append(f"Overrides of every run: `{shared}`")
+    header = ["run", *(f"`{key}`" for key in keys), "F1", "EM", "best epoch", "wall time (s)"]
     lines += [
         "",
-        "| run | overrides | F1 | EM | best epoch | wall time (s) | status |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| " + " | ".join([*header, "status"]) + " |",
+        "| " + " | ".join(["---"] * (len(keys) + 1) + ["---:"] * 4 + ["---"]) + " |",
     ]
-    for row, overrides in zip(rows, split, strict=True):
-        varying = " ".join(o for o in overrides if o not in common)
+    for row in rows:
         status = row["status"] if not row["error"] else f"{row['status']}: {row['error']}"
         cells = [
             row["run"],
-            f"`{varying}`" if varying else "",
+            *(_fmt_value(row["params"].get(key, _ABSENT)) for key in keys),
             _fmt(row["f1"], ".2f"),
             _fmt(row["em"], ".2f"),
             _fmt(row["best_epoch"], "d"),
@@ -178,31 +208,75 @@ def to_markdown(rows: list[dict[str, Any]], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_png(rows: list[dict[str, Any]], title: str = "") -> bytes:
-    """Best F1 against the learning rate, one line per stride, as PNG bytes."""
+def plot_data(rows: list[dict[str, Any]], x: str | None = None) -> dict[str, Any]:
+    """What ``summary.png`` draws: best F1 of the finished runs against the swept key ``x``.
+
+    ``x`` defaults to the numeric swept key with the most values (the first one on a tie:
+    ``model.lr`` in ``-m model.lr=... data.stride=...``). The next swept key gives one line per
+    value, the others one panel per combination of values (at most :data:`MAX_PANELS`, else one
+    panel with a line per combination). Without a numeric key the first swept key, or the run
+    names, are categories on the x axis. Returns ``{"x", "lines", "panels", "series"}`` with
+    ``series[panel][line] = [(x value, f1), ...]``, labels such as ``"data.stride=32"``.
+    """
+    keys = swept_keys(rows)
+    ok = [row for row in rows if row["status"] == "ok"]
+    numeric = [key for key in keys if ok and all(_is_number(r["params"].get(key)) for r in ok)]
+    if x is not None and x not in keys:
+        raise ValueError(f"x={x!r} is not a swept key of this sweep; swept keys: {keys}")
+    if x is None and keys:
+        x = max(numeric, key=lambda k: len({r["params"][k] for r in ok})) if numeric else keys[0]
+    others = [key for key in keys if key != x]
+    lines, panels = others[:1], others[1:]
+    if _count_values(ok, panels) > MAX_PANELS:
+        lines, panels = others, []
+    series: dict[str, dict[str, list[tuple[Any, float]]]] = {}
+    for row in ok:
+        at = row["params"].get(x, _ABSENT) if x is not None else row["run"]
+        line = series.setdefault(_label(row, panels), {}).setdefault(_label(row, lines), [])
+        line.append((at if _is_number(at) else _fmt_value(at), row["f1"]))
+    for panel in series.values():
+        for points in panel.values():
+            points.sort(key=lambda point: (not _is_number(point[0]), point[0]))
+    return {"x": x, "lines": lines, "panels": panels, "series": series}
+
+
+def plot_png(rows: list[dict[str, Any]], title: str = "", x: str | None = None) -> bytes:
+    """:func:`plot_data` as PNG bytes: a panel per combination of the panel keys."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in rows if r["status"] == "ok" and r["lr"] is not None]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    strides = sorted({r["stride"] for r in points}, key=lambda s: (s is None, s))
-    for stride in strides:
-        line = sorted((r["lr"], r["f1"]) for r in points if r["stride"] == stride)
-        label = f"stride {stride:g}" if stride is not None else "stride ?"
-        ax.plot([lr for lr, _ in line], [f1 for _, f1 in line], marker="o", label=label)
-    if points:
-        lrs = {r["lr"] for r in points}
-        if len(lrs) > 1 and min(lrs) > 0:
-            ax.set_xscale("log")
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("learning rate (model.lr)")
-    ax.set_ylabel("best validation F1")
-    ax.set_title(f"Sweep {title}".strip())
-    ax.grid(True, alpha=0.3)
+    data = plot_data(rows, x)
+    series = data["series"] or {"": {}}
+    ncols = min(3, len(series))
+    nrows = math.ceil(len(series) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(6 * ncols, 4 * nrows), dpi=100, sharey=True, squeeze=False
+    )
+    for ax in axes.flat[len(series) :]:
+        ax.set_visible(False)
+    panels = sorted(series.items(), key=lambda item: _natural_key(item[0]))
+    for ax, (panel, lines) in zip(axes.flat, panels, strict=False):
+        for label, points in sorted(lines.items(), key=lambda item: _natural_key(item[0])):
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        xs = sorted({p[0] for points in lines.values() for p in points}, key=str)
+        if xs and all(_is_number(v) for v in xs):
+            if min(xs) > 0 and max(xs) >= 10 * min(xs):
+                ax.set_xscale("log")
+            if len(xs) <= 12:  # ticks at the swept values, as written in the table
+                ax.set_xticks(xs, [_fmt_value(v) for v in xs], minor=False)
+                ax.minorticks_off()
+        if any(lines):
+            ax.legend()
+        if not lines:
+            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(data["x"] or "run")
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("best validation F1")
+        ax.set_title(panel)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"Sweep {title}".strip())
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png")
@@ -215,8 +289,13 @@ class SweepSummary(Callback):
 
     Hydra's basic launcher records a job that raises as failed and runs the others; the basic
     sweeper then re-raises the first failure after its batch, so ``on_multirun_end`` is not
-    reached: the summary written after the last job is the complete one.
+    reached: the summary written after the last job is the complete one. ``x``: the swept key on
+    the plot's x axis (``hydra.callbacks.sweep_summary.x=model.warmup_ratio``; default: see
+    :func:`plot_data`).
     """
+
+    def __init__(self, x: str | None = None) -> None:
+        self.x = x
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -230,13 +309,13 @@ class SweepSummary(Callback):
                 (run_dir / "error.txt").write_text(text)
                 log.error("run %s failed: %s: %s", run_dir, type(error).__name__, error)
         try:
-            write_report(config.hydra.sweep.dir)
+            write_report(config.hydra.sweep.dir, self.x)
         except Exception:  # a summary must never stop the sweep
             log.exception("could not write the sweep summary to %s", config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = write_report(sweep_dir)
+        rows = write_report(sweep_dir, self.x)
         failed = sum(r["status"] != "ok" for r in rows)
         log.info(
             "sweep summary: %s (%d runs, %d failed)", sweep_dir / "summary.md", len(rows), failed
@@ -249,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Summarise the runs of a sweep dir into summary.csv, summary.md, summary.png.",
     )
     parser.add_argument("sweep_dir", type=Path, help="e.g. outputs/train/multirun/2026-01-01_12-00")
+    parser.add_argument(
+        "--x", help="the swept key on the plot's x axis (default: the numeric one with most values)"
+    )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         what = "is not a directory" if args.sweep_dir.exists() else "does not exist"
@@ -265,8 +347,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    keys = swept_keys(summarize(args.sweep_dir))
+    if args.x is not None and args.x not in keys:
+        print(
+            f"error: --x {args.x} is not a swept key of {args.sweep_dir}; use one of {keys}",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        rows = write_report(args.sweep_dir)
+        rows = write_report(args.sweep_dir, args.x)
     except OSError as error:
         print(
             f"error: cannot write the summary to {args.sweep_dir} ({error.strerror or error}"
@@ -287,12 +376,25 @@ def _read_yaml(path: Path) -> Any:
         return None
 
 
-def _select(config: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(config, dict):
-            return None
-        config = config.get(key)
-    return config
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _label(row: dict[str, Any], keys: list[str]) -> str:
+    """``"data.stride=32, data.batch_size=8"``: the values of ``keys`` in ``row``."""
+    return ", ".join(f"{key}={_fmt_value(row['params'].get(key, _ABSENT))}" for key in keys)
+
+
+def _count_values(rows: list[dict[str, Any]], keys: list[str]) -> int:
+    return len({_label(row, keys) for row in rows})
+
+
+def _fmt_value(value: Any) -> str:
+    if value is _ABSENT:
+        return ""
+    if value is None:
+        return "null"
+    return format(value, "g") if isinstance(value, float) else str(value)
 
 
 def _number(value: Any) -> float | None:

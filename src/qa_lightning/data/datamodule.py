@@ -15,6 +15,7 @@ from qa_lightning.checkpointing import ResumableDataLoader
 from qa_lightning.data import cache
 from qa_lightning.data.collate import WindowCollator
 from qa_lightning.data.loading import load_hub_split, load_local_file
+from qa_lightning.data.readers import Reader
 from qa_lightning.data.records import OnBadRecord, check_records
 from qa_lightning.data.sampling import LengthGroupedSampler, SortedBatchSampler
 from qa_lightning.data.windowing import make_eval_windows, make_train_windows, truncate_questions
@@ -25,7 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class SquadDataModule(L.LightningDataModule):
-    """SQuAD from the hub (``dataset_name``) or local files (``train_file``/``validation_file``).
+    """SQuAD from the hub (``dataset_name``) or local files (``train_file``/``validation_file``,
+    read by ``reader``: by default SQuAD json/jsonl/parquet by extension, see
+    :mod:`qa_lightning.data.readers`).
 
     Sample sizes count questions (examples), never windows; the sample is drawn with
     ``Dataset.shuffle(seed=sample_seed)``, independent of the training seed. Validation batches
@@ -42,6 +45,7 @@ class SquadDataModule(L.LightningDataModule):
         validation_split: str = "validation",
         train_file: str | None = None,
         validation_file: str | None = None,
+        reader: Reader | None = None,
         train_samples: int | None = None,
         validation_samples: int | None = None,
         sample_seed: int = 42,
@@ -62,7 +66,10 @@ class SquadDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # the reader stays out of checkpoints (it would pickle Hydra's wrapper class); the run
+        # dir's config_resolved.yaml records it
+        self.save_hyperparameters(ignore=["reader"])
+        self.reader = reader
         self.tokenizer: Any = None
         self.train_windows: datasets.Dataset | None = None
         self.val_windows: datasets.Dataset | None = None
@@ -79,7 +86,7 @@ class SquadDataModule(L.LightningDataModule):
         samples = hp.train_samples if split == "train" else hp.validation_samples
         if data_file:
             source = f"'{data_file}'"
-            examples = load_local_file(data_file)
+            examples = load_local_file(data_file, self.reader)
         elif hp.dataset_name:
             hub_split = hp.train_split if split == "train" else hp.validation_split
             source = f"hub dataset '{hp.dataset_name}' split '{hub_split}'"

@@ -1,4 +1,5 @@
-"""Load SQuAD-format examples from the Hugging Face hub or local files (json, jsonl, parquet).
+"""Load SQuAD-format examples from the Hugging Face hub or local files (read by a reader of
+:mod:`qa_lightning.data.readers`: SQuAD json, jsonl, parquet, MRQA jsonl, or your own).
 
 Every loader returns a ``datasets.Dataset`` with columns ``id``, ``title``, ``context``,
 ``question`` and ``answers`` (``{"text": [str], "answer_start": [int]}``; empty for SQuAD v2
@@ -7,16 +8,14 @@ unanswerable questions).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import datasets
 
+from qa_lightning.data.readers import COLUMNS, Reader, by_extension
 from qa_lightning.errors import ConfigError, DataError
 
-COLUMNS = ("id", "title", "context", "question", "answers")
-FORMATS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 REQUIRED_FIELDS = ("id", "context", "question", "answers")
 
 
@@ -43,8 +42,9 @@ def load_hub_split(dataset_name: str, dataset_config: str | None, split: str) ->
     return examples.select_columns(list(COLUMNS))
 
 
-def load_local_file(path: str | Path) -> datasets.Dataset:
-    """Examples of a local SQuAD-format file, chosen by extension (.json, .jsonl, .parquet)."""
+def load_local_file(path: str | Path, reader: Reader | None = None) -> datasets.Dataset:
+    """Examples of a local file, read by ``reader`` (``data.reader``; default
+    :func:`~qa_lightning.data.readers.by_extension`: SQuAD .json, .jsonl or .parquet)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(
@@ -57,103 +57,7 @@ def load_local_file(path: str | Path) -> datasets.Dataset:
             f"data file '{path}' is a directory, not a file; give the SQuAD json, jsonl or "
             "parquet file in it (data.train_file / data.validation_file)."
         )
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise ConfigError(
-            f"data file '{path}' has an unsupported extension '{path.suffix}'; use one of "
-            f"{sorted(FORMATS)} (SQuAD json layout, or records with fields {list(COLUMNS)})."
-        )
-    if kind == "parquet":
-        records = _read_parquet(path)
-    else:
-        text = _read_text(path)
-        records = _parse_jsonl(path, text) if kind == "jsonl" else _parse_json(path, text)
-    return _to_dataset(path, records)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(
-            f"data file '{path}' is not valid UTF-8 (byte {error.start}: "
-            f"{error.object[error.start : error.start + 4]!r}). Re-encode it as UTF-8."
-        ) from error
-    except OSError as error:
-        raise ConfigError(f"cannot read data file '{path}': {error.strerror}.") from error
-
-
-def _parse_json(path: Path, text: str) -> list[dict[str, Any]]:
-    try:
-        content = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"data file '{path}' is not valid JSON: {error.msg} at line {error.lineno}, column "
-            f"{error.colno}. A .json file holds the official SQuAD layout "
-            '{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}; '
-            "use .jsonl for one record per line."
-        ) from error
-    if isinstance(content, dict) and isinstance(content.get("data"), list):
-        return _flatten_squad(path, content["data"])
-    if isinstance(content, list):
-        return content
-    raise DataError(
-        f"data file '{path}' is JSON but not in the SQuAD layout: expected an object with a "
-        '"data" list of articles, or a list of records with fields ' + str(list(COLUMNS)) + "."
-    )
-
-
-def _flatten_squad(path: Path, articles: list[Any]) -> list[dict[str, Any]]:
-    records = []
-    for a, article in enumerate(articles):
-        try:
-            for paragraph in article["paragraphs"]:
-                for qa in paragraph["qas"]:
-                    records.append(
-                        {
-                            "id": qa["id"],
-                            "title": article.get("title", ""),
-                            "context": paragraph["context"],
-                            "question": qa["question"],
-                            "answers": [] if qa.get("is_impossible") else qa["answers"],
-                        }
-                    )
-        except (KeyError, TypeError) as error:
-            raise DataError(
-                f"data file '{path}': article {a} ('{_title(article)}') lacks field {error} of "
-                "the SQuAD layout (articles have 'paragraphs', paragraphs 'context' and 'qas', "
-                "questions 'id', 'question' and 'answers')."
-            ) from error
-    return records
-
-
-def _title(article: Any) -> str:
-    return article.get("title", "?") if isinstance(article, dict) else "?"
-
-
-def _parse_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"data file '{path}' line {number} is not valid JSON ({error.msg}, column "
-                f"{error.colno}). Each line of a .jsonl file is one record with fields "
-                f"{list(COLUMNS)}."
-            ) from error
-    return records
-
-
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
-        raise DataError(f"data file '{path}' is not a readable parquet file: {error}.") from error
+    return _to_dataset(path, (reader or by_extension)(path))
 
 
 def _normalise_answers(answers: Any) -> dict[str, list]:

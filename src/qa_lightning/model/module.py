@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -82,9 +85,10 @@ class QAModule(L.LightningModule):
         lr: float = 2e-5,
         weight_decay: float = 0.01,
         adam_epsilon: float = 1e-8,
-        scheduler: str = "linear",
+        scheduler: str | Callable[..., Any] | None = "linear",
         warmup_ratio: float = 0.0,
         fused_optimizer: bool | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
         compile: bool = False,
         n_best: int = 20,
         max_answer_length: int = 30,
@@ -97,7 +101,10 @@ class QAModule(L.LightningModule):
         config_overrides = _plain(config_overrides)  # saved as a plain dict in checkpoints
         keep_layers = None if keep_layers is None else list(keep_layers)
         distill = _plain(distill)  # teacher, temperature, alpha (conf/distill/); None: no teacher
-        self.save_hyperparameters()
+        # the factories stay out of checkpoints (they would pickle Hydra's wrapper classes); the
+        # run dir's config_resolved.yaml records them
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.model = load_qa_model(name_or_path, from_scratch, config_overrides, keep_layers)
         # from_pretrained returns eval mode and Lightning keeps submodule modes: train with dropout
         self.model.train()
@@ -193,6 +200,13 @@ class QAModule(L.LightningModule):
         return gathered[~torch.isnan(gathered[:, 0])]
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """``optimizer`` (``conf/model/optimizer/``) over two parameter groups, ``weight_decay``
+        and none on biases and LayerNorm weights, with ``lr``, and ``eps`` (``adam_epsilon``) and
+        ``fused`` where it takes them and its config does not set them; ``fused_optimizer=None``
+        means fused where the device has a kernel. ``scheduler`` (``conf/model/scheduler/``: a
+        factory called with ``optimizer, num_warmup_steps, num_training_steps`` like
+        transformers' schedules, or a name for ``transformers.get_scheduler``; ``None``: constant
+        ``lr``) steps every optimizer step, ``warmup_ratio`` of them warming up."""
         hp = self.hparams
         decay, no_decay = [], []
         for name, parameter in self.model.named_parameters():
@@ -201,19 +215,22 @@ class QAModule(L.LightningModule):
         fused = hp.fused_optimizer
         if fused is None:  # fused kernels exist for both; on CPU the step is ~6x faster
             fused = self.device.type in FUSED_ADAMW_DEVICES
-        optimizer = torch.optim.AdamW(
+        settings = _unset_arguments(self.make_optimizer, lr=hp.lr, eps=hp.adam_epsilon, fused=fused)
+        optimizer = self.make_optimizer(
             [
                 {"params": decay, "weight_decay": hp.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
-            lr=hp.lr,
-            eps=hp.adam_epsilon,
-            fused=fused,
+            **settings,
         )
+        make_scheduler = self.make_scheduler
+        if make_scheduler is None:
+            return {"optimizer": optimizer}
+        if isinstance(make_scheduler, str):
+            make_scheduler = partial(get_scheduler, make_scheduler)
         total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = get_scheduler(
-            hp.scheduler,
-            optimizer,
+        scheduler = make_scheduler(
+            optimizer=optimizer,
             num_warmup_steps=int(hp.warmup_ratio * total_steps),
             num_training_steps=total_steps,
         )
@@ -279,3 +296,11 @@ def _plain(overrides: Any) -> dict[str, Any] | None:
         return OmegaConf.to_container(overrides, resolve=True)  # type: ignore[return-value]
     except ValueError:
         return dict(overrides)
+
+
+def _unset_arguments(factory: Callable[..., Any], **arguments: Any) -> dict[str, Any]:
+    """The ``arguments`` that ``factory`` takes and does not fix already (as a ``partial`` from
+    config does): ``eps`` for AdamW but not SGD, nothing that its config sets."""
+    taken = inspect.signature(factory).parameters
+    fixed = factory.keywords if isinstance(factory, partial) else {}
+    return {k: v for k, v in arguments.items() if k in taken and k not in fixed}
