@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from transformers import AutoConfig, AutoModelForQuestionAnswering, get_scheduler
 
+from qa_lightning.checkpointing import plain
 from qa_lightning.errors import ConfigError
 from qa_lightning.metrics import squad_v1_scores, squad_v2_scores
 from qa_lightning.postprocess import best_window_spans, example_answers, window_rows
@@ -197,12 +198,25 @@ class QAModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["qa_best"] = {"scores": self.best, "predictions": self.best_predictions}
+        # only tensors and plain values, so that the checkpoint loads with weights_only=True
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = plain(checkpoint[key])
+        for key in ("hparams_type", "datamodule_hparams_type"):  # a class: not loadable safely
+            checkpoint.pop(key, None)
+        checkpoint["qa_best"] = plain({"scores": self.best, "predictions": self.best_predictions})
+        # the last validation's: a run resumed from its end writes the same metrics.json
+        checkpoint["qa_last"] = plain(
+            {"scores": self.last_scores, "predictions": self.last_predictions}
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("qa_best")
         if saved:
             self.best, self.best_predictions = saved["scores"], saved["predictions"]
+        last = checkpoint.get("qa_last")
+        if last:
+            self.last_scores, self.last_predictions = last["scores"], last["predictions"]
 
 
 def _plain(overrides: Any) -> dict[str, Any] | None:
