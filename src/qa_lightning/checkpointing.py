@@ -168,25 +168,34 @@ _OTHER_CHECKPOINT = (
 
 
 def _unreadable(path: Path, error: BaseException) -> ConfigError:
-    lines = str(error).strip().splitlines()
+    detail = _weights_unpickler_detail(error)
+    if detail is None:
+        lines = str(error).strip().splitlines()
+        detail = lines[0] if lines else ""
     return ConfigError(
         f"ckpt_path='{path}' is not a readable PyTorch checkpoint ({type(error).__name__}: "
-        f"{lines[0] if lines else ''}); it may be cut short (an interrupted copy, a full disk) or "
-        f"not be a checkpoint at all. {_OTHER_CHECKPOINT}"
+        f"{detail}); it may be cut short (an interrupted copy, a full disk) or not be a "
+        f"checkpoint at all. {_OTHER_CHECKPOINT}"
     )
 
 
-def _weights_only_refusal(error: BaseException) -> str | None:
-    """What ``torch.load(weights_only=True)`` refused (e.g. ``Unsupported global: GLOBAL
-    numpy...``), or ``None`` when ``error`` is no such refusal."""
+def _weights_unpickler_detail(error: BaseException) -> str | None:
+    """The reason ``torch.load(weights_only=True)`` gives for refusing a file, if it is one."""
     text = str(error)
-    if "Weights only load failed" not in text:
+    if "WeightsUnpickler error:" not in text:
         return None
-    for line in text.splitlines():
-        if "WeightsUnpickler error:" in line:
-            detail = line.split("WeightsUnpickler error:", 1)[1].strip()
-            return detail.split(" was not an allowed global")[0] or "an unsupported object"
-    return "an object the safe unpickler does not allow"
+    lines = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+    return lines[0].split(" was not an allowed global")[0].strip() if lines else ""
+
+
+def _weights_only_refusal(error: BaseException) -> str | None:
+    """What ``torch.load(weights_only=True)`` refused to create (e.g. ``Unsupported global:
+    GLOBAL numpy...``), or ``None`` when ``error`` is something else (a file that is no pickle,
+    or a damaged one)."""
+    detail = _weights_unpickler_detail(error) or ""
+    if any(marker in detail for marker in ("GLOBAL", "allowlisted", "add_safe_globals")):
+        return detail
+    return None
 
 
 def _zip_damage(path: Path) -> str | None:

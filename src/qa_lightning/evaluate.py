@@ -102,9 +102,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     validate_eval_config(cfg)
     # checked to load with weights_only=True, or trusted (trust_checkpoint=true)
     weights_only = (
-        load_checkpoint_file(cfg.ckpt_path, trust_setting(cfg))[1]
-        if cfg.get("ckpt_path")
-        else True
+        load_checkpoint_file(cfg.ckpt_path, trust_setting(cfg))[1] if cfg.get("ckpt_path") else True
     )
     tokenizer = load_model_tokenizer(
         cfg.data.tokenizer_name_or_path, cfg.model.name_or_path, cfg.model.get("config_overrides")

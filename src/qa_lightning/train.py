@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -94,24 +96,35 @@ def fit(
         ),
     ):
         try:
-            trainer.fit(
-                model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only
-            )
+            with explain_disk_full(cfg):
+                trainer.fit(
+                    model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only
+                )
         except FloatingPointError as error:
             raise diverged_error(error, cfg, last) from error
-        except ResourceError:
-            raise
-        except Exception as error:
-            if is_disk_full(error):
-                raise disk_full_while_training(error, cfg, last) from error
-            raise
 
 
-def disk_full_while_training(error: BaseException, cfg: DictConfig, last: Path) -> ResourceError:
+@contextmanager
+def explain_disk_full(cfg: DictConfig) -> Iterator[None]:
+    """A full disk inside the block (TensorBoard events, written by a background thread whose
+    error surfaces at the next write) becomes a :class:`ResourceError` saying what is kept;
+    checkpoints raise their own (see :class:`~qa_lightning.checkpointing.AtomicCheckpointIO`)."""
+    try:
+        yield
+    except ResourceError:
+        raise
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise disk_full_while_training(error, cfg) from error
+
+
+def disk_full_while_training(error: BaseException, cfg: DictConfig) -> ResourceError:
     """A full disk while training wrote something else than a checkpoint (TensorBoard events)."""
     while not isinstance(error, OSError) and (error.__cause__ or error.__context__):
         error = error.__cause__ or error.__context__
     output_dir = Path(cfg.paths.output_dir)
+    last = output_dir / "checkpoints" / "last.ckpt"
     written = getattr(error, "filename", None) or f"the run dir '{output_dir}'"
     kept = (
         f"'{last}' is kept: continue with resume=true hydra.run.dir={output_dir} once there is "
@@ -181,8 +194,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # data errors surface before the model is loaded
     model = instantiate(cfg.model)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    with explain_disk_full(cfg):  # the first TensorBoard events
+        for logger in trainer.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     start = time.perf_counter()
     fit(trainer, model, datamodule, cfg, ckpt_path, weights_only)
