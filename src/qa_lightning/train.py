@@ -55,10 +55,11 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, bool]:
     return str(path), weights_only
 
 
-def remove_partial_checkpoints(output_dir: Path) -> None:
-    """Remove the ``*.part`` files that a run killed while saving a checkpoint left behind."""
-    for partial_file in (output_dir / "checkpoints").glob("*.part"):
-        log.info("removing %s, left by an interrupted checkpoint save", partial_file)
+def remove_partial_files(output_dir: Path) -> None:
+    """Remove the ``*.part`` files (checkpoints, ``metrics.json`` ...) that a run killed while
+    writing them left in its run dir."""
+    for partial_file in [*output_dir.glob("*.part"), *(output_dir / "checkpoints").glob("*.part")]:
+        log.info("removing %s, left by an interrupted write", partial_file)
         partial_file.unlink(missing_ok=True)
 
 
@@ -177,7 +178,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if ckpt_path:
-        remove_partial_checkpoints(output_dir)
+        remove_partial_files(output_dir)
     write = partial(
         write_atomic,
         on_disk_full=partial(
