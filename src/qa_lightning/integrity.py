@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,6 +116,19 @@ def remove_stale_staging(target: str | Path) -> list[Path]:
     return removed
 
 
+def _new_sibling(target: Path, kind: str) -> Path:
+    """A new hidden directory beside ``target`` named after this host and process (created
+    with the umask's permissions, as ``target`` would be)."""
+    while True:
+        name = f"{_staging_prefix(target, kind)}{os.getpid()}-{secrets.token_hex(4)}"
+        path = target.parent / name
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def staged_directory(target: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yield an empty directory beside ``target``; when the block ends without an error it
@@ -129,10 +142,7 @@ def staged_directory(target: str | Path, replace: bool = True) -> Iterator[Path]
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
-    pid = os.getpid()
-    staging = Path(
-        tempfile.mkdtemp(prefix=f"{_staging_prefix(target, 'part')}{pid}-", dir=target.parent)
-    )
+    staging = _new_sibling(target, "part")
     try:
         yield staging
         try:
@@ -143,9 +153,7 @@ def staged_directory(target: str | Path, replace: bool = True) -> Iterator[Path]
                 raise
         if not replace:
             return
-        old = Path(
-            tempfile.mkdtemp(prefix=f"{_staging_prefix(target, 'old')}{pid}-", dir=target.parent)
-        )
+        old = _new_sibling(target, "old")
         os.replace(target, old / target.name)
         os.rename(staging, target)
         shutil.rmtree(old, ignore_errors=True)
