@@ -5,6 +5,7 @@ keeps the previous checkpoint intact."""
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import lightning as L
@@ -156,7 +157,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
         "callbacks.last_checkpoint.every_n_train_steps=N",
         f"resume=true hydra.run.dir={cfg.paths.output_dir}",
     )
-    assert failed == [checkpoints / "last.ckpt.part"]  # one attempt, none on the way out
+    assert failed == [checkpoints / f"last.ckpt.{os.getpid()}.part"]  # one attempt
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]  # no .part left
     monkeypatch.undo()
     checkpoint = load_checkpoint(checkpoints / "last.ckpt")

@@ -286,6 +286,6 @@ def test_embedded_file_names_cannot_leave_the_directory(tmp_path: Path) -> None:
 
 
 def test_best_threshold_needs_a_validation(tmp_path: Path) -> None:
-    assert tuned_null_threshold({"qa_last_scores": {"best_f1_thresh": -1.5}}, "a.ckpt") == -1.5
+    assert tuned_null_threshold({"qa_last": {"scores": {"best_f1_thresh": -1.5}}}, "a.ckpt") == -1.5
     with pytest.raises(ExportError, match="holds no validation's best_f1_thresh"):
-        tuned_null_threshold({"qa_last_scores": {}}, "a.ckpt")
+        tuned_null_threshold({"qa_last": {"scores": {}}}, "a.ckpt")

@@ -184,7 +184,7 @@ def test_report_on_hand_made_runs_lists_failures_last(tmp_path: Path) -> None:
     assert "| 2 | 1e-05 | 128 | 55.50 | 41.25 | 2 | 12.5 | ok |" in markdown
     assert "| failed: qa_lightning.errors.DataError: bad record 17 |" in markdown
     assert (tmp_path / "summary.png").read_bytes().startswith(PNG_MAGIC)
-    assert not list(tmp_path.glob(".*.part"))
+    assert not list(tmp_path.glob("*.part"))
 
 
 def test_report_of_only_failed_runs_still_writes_every_file(tmp_path: Path) -> None:

@@ -128,7 +128,7 @@ def test_best_threshold_is_tuned_by_validation_and_exported(compose_train, tmp_p
     assert best["null_score_diff_threshold"] == best["best_f1_thresh"]
     checkpoint = read_checkpoint(metrics["best_checkpoint"])
     assert checkpoint["hyper_parameters"]["null_score_diff_threshold"] == "best"
-    assert checkpoint["qa_last_scores"]["best_f1_thresh"] == best["best_f1_thresh"]
+    assert checkpoint["qa_last"]["scores"]["best_f1_thresh"] == best["best_f1_thresh"]
     settings = json.loads((Path(metrics["hf_model"]) / SETTINGS_FILE).read_text())
     assert settings["null_score_diff_threshold"] == best["best_f1_thresh"]
     assert settings["version_2_with_negative"] is True

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -20,7 +22,8 @@ class ExactResume(Callback):
     Lightning restores weights, optimizer, scheduler, epoch, step and loop progress; this adds
     what it leaves out:
 
-    - the global RNG states (dropout), saved with every checkpoint, restored when training starts;
+    - the global RNG states (dropout), saved with every checkpoint (NumPy's as a tensor, so that
+      the checkpoint loads with ``weights_only=True``), restored when training starts;
     - the position in the epoch: the datamodule's train loader is a
       :class:`~qa_lightning.checkpointing.ResumableDataLoader`, whose state is saved here and
       loaded when Lightning restarts mid-epoch. Lightning 2.6 loads a stateful loader's state
@@ -37,7 +40,7 @@ class ExactResume(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "rng_states": _collect_rng_states(),
+            "rng_states": plain_rng_states(_collect_rng_states()),
             "epoch": self._trainer.current_epoch if self._trainer else None,
             "train_loaders": [loader.state_dict() for loader in self._train_loaders()],
         }
@@ -50,7 +53,7 @@ class ExactResume(Callback):
         if self._loaded is None:
             return
         loaded, self._loaded = self._loaded, None
-        _set_rng_states(loaded["rng_states"])
+        _set_rng_states(numpy_rng_states(loaded["rng_states"]))
         # the epoch of the checkpoint goes on (the fit loop has already moved past a finished
         # one): skip its batches already trained on
         if trainer.current_epoch == loaded.get("epoch"):
@@ -64,6 +67,24 @@ class ExactResume(Callback):
         elif not isinstance(loaders, list | tuple):
             loaders = [loaders]
         return [loader for loader in loaders if isinstance(loader, ResumableDataLoader)]
+
+
+def plain_rng_states(states: dict[str, Any]) -> dict[str, Any]:
+    """Lightning's RNG states with NumPy's key array as an int64 tensor (all else is tensors,
+    tuples, ints and floats already)."""
+    if "numpy" not in states:
+        return states
+    kind, key, *rest = states["numpy"]
+    return {**states, "numpy": (kind, torch.from_numpy(np.asarray(key, dtype=np.int64)), *rest)}
+
+
+def numpy_rng_states(states: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`plain_rng_states`; states saved by earlier versions (NumPy arrays)
+    pass unchanged."""
+    if "numpy" not in states or not isinstance(states["numpy"][1], torch.Tensor):
+        return states
+    kind, key, *rest = states["numpy"]
+    return {**states, "numpy": (kind, key.numpy().astype(np.uint32), *rest)}
 
 
 class HyperparametersSummary(Callback):

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from qa_lightning.checkpointing import load_checkpoint_file, trust_setting
 from qa_lightning.cli import explain_out_of_memory, report_errors
 from qa_lightning.config import (
     register_resolvers,
@@ -30,8 +31,9 @@ from qa_lightning.config import (
 )
 from qa_lightning.errors import ConfigError
 from qa_lightning.export import checkpoint_model_source, checkpoint_settings, read_checkpoint
-from qa_lightning.inference import SETTINGS_FILE, InferenceSettings
-from qa_lightning.tokenizer import load_tokenizer
+from qa_lightning.inference import SETTINGS_FILE, InferenceSettings, check_model_dir
+from qa_lightning.integrity import write_atomic
+from qa_lightning.tokenizer import load_model_tokenizer
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -104,7 +106,7 @@ def configure_model_source(cfg: DictConfig) -> dict[str, str]:
     with open_dict(cfg):
         cfg.model.keep_layers = None  # the checkpoint's (or directory's) config has its layers
         if ckpt_path:
-            checkpoint = read_checkpoint(ckpt_path)
+            checkpoint = read_checkpoint(ckpt_path, trust_setting(cfg))
             directory = Path(cfg.paths.output_dir) / CHECKPOINT_MODEL_DIR
             source = checkpoint_model_source(checkpoint, ckpt_path, directory)
             # architecture only: the weights are restored from the checkpoint by trainer.validate
@@ -120,6 +122,7 @@ def configure_model_source(cfg: DictConfig) -> dict[str, str]:
                 f"model_dir='{model_dir}' is not a directory (resolved to "
                 f"'{Path(model_dir).resolve()}'); training writes one to <run dir>/hf_model."
             )
+        check_model_dir(model_dir)
         cfg.model.name_or_path = str(model_dir)
         cfg.model.config_overrides = None
         cfg.model.from_scratch = False
@@ -163,11 +166,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run dir. Returns the metrics written."""
     source = configure_model_source(cfg)
     validate_eval_config(cfg)
-    validate_max_length(cfg.data.max_length, load_tokenizer(cfg.data.tokenizer_name_or_path))
+    # checked to load with weights_only=True, or trusted (trust_checkpoint=true)
+    weights_only = (
+        load_checkpoint_file(cfg.ckpt_path, trust_setting(cfg))[1] if cfg.get("ckpt_path") else True
+    )
+    tokenizer = load_model_tokenizer(
+        cfg.data.tokenizer_name_or_path, cfg.model.name_or_path, cfg.model.get("config_overrides")
+    )
+    validate_max_length(cfg.data.max_length, tokenizer)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_atomic(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     # trainer first: its config errors (precision, accelerator ...) surface before any work
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_model_summary=False)
@@ -188,12 +198,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "halve data.eval_batch_size (scores do not depend on it), or use "
             "trainer.precision=bf16-mixed on a GPU.",
         ):
-            # our own checkpoints hold OmegaConf hyperparameters: not weights_only-loadable
             trainer.validate(
                 model,
                 datamodule=datamodule,
                 ckpt_path=cfg.get("ckpt_path"),
-                weights_only=False,
+                weights_only=weights_only,
                 verbose=False,
             )
     wall_time = time.perf_counter() - start
@@ -211,11 +220,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "skipped_records": len(datamodule.skipped.get("validation", {})),
         "wall_time_s": round(wall_time, 1),
     }
-    if trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (output_dir / "predictions.json").write_text(
-            json.dumps(model.last_predictions, indent=1, ensure_ascii=False)
+    if trainer.is_global_zero:  # predictions first: a run with metrics.json is complete
+        write_atomic(
+            output_dir / "predictions.json",
+            json.dumps(model.last_predictions, indent=1, ensure_ascii=False),
         )
+        write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
     log.info(
         "%s: em %.2f f1 %.2f on %d questions; wrote %s",
         source["source"],

@@ -6,8 +6,10 @@
 
 A Hugging Face directory holds ``model.safetensors``, ``config.json``, the tokenizer and
 ``qa_lightning.json`` (the windowing and decoding the model was trained with, which
-``qa_lightning.predict`` uses). An ONNX directory holds ``model.onnx`` (checked against PyTorch
-with onnxruntime) with the same files but the weights.
+``qa_lightning.predict`` uses, and the size and SHA-256 digest of every other file, checked when
+the directory is loaded). An ONNX directory holds ``model.onnx`` (checked against PyTorch
+with onnxruntime) with the same files but the weights. A directory is written whole or not at all
+(:func:`~qa_lightning.integrity.staged_directory`).
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from qa_lightning.checkpointing import load_checkpoint_file, trust_setting
 from qa_lightning.cli import report_errors
 from qa_lightning.config import NULL_THRESHOLD_BEST, register_resolvers
 from qa_lightning.data.collate import MODEL_INPUTS
 from qa_lightning.errors import ConfigError, ExportError
-from qa_lightning.inference import OUTPUT_NAMES, InferenceSettings
+from qa_lightning.inference import OUTPUT_NAMES, SETTINGS_FILE, InferenceSettings, check_model_dir
+from qa_lightning.integrity import file_manifest, staged_directory
 from qa_lightning.model_files import CHECKPOINT_KEY as MODEL_FILES_KEY
 from qa_lightning.model_files import has_config, has_tokenizer, write_model_files
-from qa_lightning.tokenizer import load_tokenizer
+from qa_lightning.tokenizer import check_tokenizer_fits, load_tokenizer, model_vocab_size
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -47,24 +51,11 @@ class Exported:
     settings: InferenceSettings
 
 
-def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint of this project, memory-mapped.
-
-    Its hyperparameters hold OmegaConf objects, so it is unpickled with ``weights_only=False``:
-    load only checkpoints you trust (your own training runs).
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(
-            f"ckpt_path='{path}' does not exist (resolved to '{path.resolve()}'); training runs "
-            "keep theirs in <run dir>/checkpoints/."
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # pickle, zip and torch errors come in many types
-        raise ConfigError(
-            f"ckpt_path='{path}' is not a readable PyTorch checkpoint ({type(error).__name__})."
-        ) from error
+def read_checkpoint(ckpt_path: str | Path, trust: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint of this project, memory-mapped, checked to be intact and loaded
+    with ``weights_only=True`` (with ``trust``, a checkpoint that needs Python's full unpickler
+    is loaded with it: see :func:`~qa_lightning.checkpointing.load_checkpoint_file`)."""
+    return load_checkpoint_file(ckpt_path, trust)[0]
 
 
 def checkpoint_model_config(checkpoint: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:
@@ -164,7 +155,7 @@ def checkpoint_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
 def tuned_null_threshold(checkpoint: dict[str, Any], ckpt_path: str | Path) -> float:
     """``best_f1_thresh`` of the checkpoint's last validation, the threshold that
     ``postprocess.null_score_diff_threshold=best`` serves."""
-    threshold = (checkpoint.get("qa_last_scores") or {}).get("best_f1_thresh")
+    threshold = ((checkpoint.get("qa_last") or {}).get("scores") or {}).get("best_f1_thresh")
     if threshold is None:
         raise ExportError(
             f"ckpt_path='{ckpt_path}' was trained with postprocess.null_score_diff_threshold=best "
@@ -176,18 +167,21 @@ def tuned_null_threshold(checkpoint: dict[str, Any], ckpt_path: str | Path) -> f
     return float(threshold)
 
 
-def load_checkpoint(ckpt_path: str | Path) -> Exported:
+def load_checkpoint(ckpt_path: str | Path, trust: bool = False) -> Exported:
     """The Hugging Face model inside a training checkpoint, with its tokenizer and settings
     (``null_score_diff_threshold=best`` resolved to the tuned threshold)."""
     from qa_lightning.model import load_qa_model
 
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path, trust)
     model_config = checkpoint_model_config(checkpoint, ckpt_path)
     with tempfile.TemporaryDirectory(prefix="qa_lightning_checkpoint_") as directory:
         source = checkpoint_model_source(checkpoint, ckpt_path, directory)
         # the weights come from the checkpoint: build the architecture without pretrained ones
         model = load_qa_model(source.name_or_path, True, source.config_overrides)
         tokenizer = load_tokenizer(source.tokenizer_name_or_path)
+        check_tokenizer_fits(
+            tokenizer, source.tokenizer_name_or_path, model.config.vocab_size, ckpt_path
+        )
     state = {
         key.removeprefix("model."): value
         for key, value in checkpoint["state_dict"].items()
@@ -216,50 +210,72 @@ def load_checkpoint(ckpt_path: str | Path) -> Exported:
 
 
 def load_model_dir(model_dir: str | Path) -> Exported:
-    """An exported Hugging Face directory, loaded back."""
+    """An exported Hugging Face directory, loaded back (checked against its manifest, and its
+    tokenizer against the model's vocabulary)."""
     from qa_lightning.model import load_qa_model
 
     if not Path(model_dir).is_dir():
         raise ConfigError(f"model_dir='{model_dir}' is not a directory.")
+    check_model_dir(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    check_tokenizer_fits(tokenizer, model_dir, model_vocab_size(str(model_dir)), model_dir)
     return Exported(
-        load_qa_model(str(model_dir)).eval(),
-        load_tokenizer(str(model_dir)),
-        InferenceSettings.from_dir(model_dir),
+        load_qa_model(str(model_dir)).eval(), tokenizer, InferenceSettings.from_dir(model_dir)
     )
 
 
-def save_support_files(exported: Exported, out_dir: str | Path) -> Path:
-    """Write config, tokenizer and settings (all but the weights) to ``out_dir``."""
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir``, checked to be new, empty or an earlier export, which an export replaces
+    whole; a directory with other files is refused, so that nothing else is deleted."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    exported.model.config.save_pretrained(out_dir)
-    exported.tokenizer.save_pretrained(out_dir)
-    exported.settings.save(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir='{out_dir}' is a file; give a directory to write into.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SETTINGS_FILE).is_file():
+        raise ConfigError(
+            f"out_dir='{out_dir}' holds files but no earlier export ({SETTINGS_FILE}); an export "
+            "replaces its directory whole: give a new or empty directory, e.g. "
+            f"out_dir={out_dir / 'export'}."
+        )
     return out_dir
+
+
+def _save_support_files(exported: Exported, directory: Path) -> None:
+    """Config and tokenizer (all but the weights and the settings)."""
+    exported.model.config.save_pretrained(directory)
+    exported.tokenizer.save_pretrained(directory)
+
+
+def _save_settings(exported: Exported, directory: Path) -> None:
+    """The settings with the manifest of the directory's files: written last."""
+    exported.settings.save(directory, files=file_manifest(directory, exclude=(SETTINGS_FILE,)))
 
 
 def save_hf(exported: Exported, out_dir: str | Path) -> Path:
-    """Write model (safetensors), config, tokenizer and settings to ``out_dir``."""
-    out_dir = save_support_files(exported, out_dir)
-    exported.model.save_pretrained(out_dir)
-    if not (out_dir / "model.safetensors").is_file():
-        raise ExportError(f"save_pretrained wrote no model.safetensors into '{out_dir}'.")
+    """Write model (safetensors), config, tokenizer and settings to ``out_dir``, whole or not at
+    all (an earlier export there is replaced)."""
+    out_dir = check_out_dir(out_dir)
+    with staged_directory(out_dir) as staging:
+        _save_support_files(exported, staging)
+        exported.model.save_pretrained(staging)
+        if not (staging / "model.safetensors").is_file():
+            raise ExportError(f"save_pretrained wrote no model.safetensors for '{out_dir}'.")
+        _save_settings(exported, staging)
     return out_dir
 
 
-def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+def export_hf(ckpt_path: str | Path, out_dir: str | Path, trust: bool = False) -> Path:
     """A training checkpoint -> a Hugging Face directory that ``from_pretrained`` (and the
     transformers 4 ``question-answering`` pipeline) loads. Returns ``out_dir``."""
-    out_dir = save_hf(load_checkpoint(ckpt_path), out_dir)
+    out_dir = save_hf(load_checkpoint(ckpt_path, trust), out_dir)
     log.info("exported %s as a Hugging Face model directory to %s", ckpt_path, out_dir)
     return out_dir
 
 
-def try_export_hf(ckpt_path: str | Path, out_dir: str | Path) -> str | None:
+def try_export_hf(ckpt_path: str | Path, out_dir: str | Path, trust: bool = False) -> str | None:
     """:func:`export_hf` for the end of training: a failure (e.g. a sharded DeepSpeed checkpoint)
     is logged with the command to retry, and gives ``None``, so that the run's results are kept."""
     try:
-        return str(export_hf(ckpt_path, out_dir))
+        return str(export_hf(ckpt_path, out_dir, trust))
     except Exception as error:  # the run's metrics matter more than its export
         log.warning(
             "could not export %s as a Hugging Face directory (%s: %s); retry with "
@@ -316,9 +332,35 @@ def _encode(tokenizer: Any, pairs: list[tuple[str, str]], names: list[str]) -> l
 
 def export_onnx(exported: Exported, out_dir: str | Path, opset: int = 17) -> Path:
     """Write ``model.onnx`` (dynamic batch and sequence axes, outputs ``start_logits`` and
-    ``end_logits``) with the Hugging Face files beside it. Returns the ONNX file."""
-    out_dir = save_support_files(exported, out_dir)
-    onnx_path = out_dir / "model.onnx"
+    ``end_logits``) with the Hugging Face files beside it, whole or not at all. Returns the ONNX
+    file."""
+    return export_checked_onnx(exported, out_dir, opset)[0]
+
+
+def export_checked_onnx(
+    exported: Exported, out_dir: str | Path, opset: int = 17, atol: float | None = None
+) -> tuple[Path, float | None]:
+    """:func:`export_onnx`; with ``atol``, the ONNX model's logits are compared with PyTorch's
+    (:func:`onnx_max_abs_diff`) before the directory is put in place, and a difference above
+    ``atol`` is an :class:`ExportError` that leaves nothing written. Returns the ONNX file and
+    the difference (``None`` without ``atol``)."""
+    out_dir = check_out_dir(out_dir)
+    with staged_directory(out_dir) as staging:
+        _save_support_files(exported, staging)
+        _write_onnx(exported, staging / "model.onnx", opset)
+        diff = None if atol is None else onnx_max_abs_diff(exported, staging / "model.onnx")
+        if diff is not None and diff > atol:
+            raise ExportError(
+                f"the ONNX model's logits differ from PyTorch's by up to {diff:.2e}, more than "
+                f"atol={atol}; nothing was written. Try another opset, or raise atol if the "
+                "difference is acceptable."
+            )
+        _save_settings(exported, staging)
+    log.info("exported ONNX model to %s", out_dir / "model.onnx")
+    return out_dir / "model.onnx", diff
+
+
+def _write_onnx(exported: Exported, onnx_path: Path, opset: int) -> None:
     names = onnx_input_names(exported.model, exported.tokenizer)
     wrapper = _LogitsOnly(exported.model, names).eval()
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in (*names, *OUTPUT_NAMES)}
@@ -345,8 +387,7 @@ def export_onnx(exported: Exported, out_dir: str | Path, opset: int = 17) -> Pat
             "opset (e.g. opset=18)."
         ) from error
     exported.model.eval()  # export restores the wrapper's mode: make sure no dropout is left on
-    log.info("exported ONNX model with inputs %s to %s", names, onnx_path)
-    return onnx_path
+    log.info("traced the ONNX graph with inputs %s", names)
 
 
 def onnx_max_abs_diff(exported: Exported, onnx_path: str | Path) -> float:
@@ -381,11 +422,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("format=hf exports a checkpoint: give ckpt_path=PATH, not model_dir.")
     if cfg.format == "onnx":
         _check_onnx_config(cfg)
-    out_dir = Path(cfg.get("out_dir") or Path(cfg.paths.output_dir) / f"{cfg.format}_model")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"out_dir='{out_dir}' is a file; give a directory to write into.")
+    out_dir = check_out_dir(
+        cfg.get("out_dir") or Path(cfg.paths.output_dir) / f"{cfg.format}_model"
+    )
     if cfg.get("ckpt_path"):
-        exported = load_checkpoint(cfg.ckpt_path)
+        exported = load_checkpoint(cfg.ckpt_path, trust_setting(cfg))
     else:
         exported = load_model_dir(cfg.model_dir)
     try:
@@ -393,21 +434,15 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             path = save_hf(exported, out_dir)
             print(f"wrote Hugging Face model directory {path}")
             return {"format": "hf", "path": str(path)}
-        onnx_path = export_onnx(exported, out_dir, cfg.opset)
+        onnx_path, diff = export_checked_onnx(exported, out_dir, cfg.opset, cfg.atol)
     except OSError as error:
         raise ExportError(
             f"cannot write the export to out_dir='{out_dir}' ({error.strerror or error}); free "
             "disk space or give a writable out_dir=DIR."
         ) from error
-    diff = onnx_max_abs_diff(exported, onnx_path)
     print(
         f"wrote {onnx_path}; max abs diff of start/end logits, onnxruntime vs PyTorch: {diff:.2e}"
     )
-    if diff > cfg.atol:
-        raise ExportError(
-            f"the ONNX model's logits differ from PyTorch's by up to {diff:.2e}, more than "
-            f"atol={cfg.atol}; try another opset, or raise atol if the difference is acceptable."
-        )
     return {"format": "onnx", "path": str(onnx_path), "max_abs_diff": diff}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -29,12 +28,14 @@ from qa_lightning.data.sampling import sorted_batches
 from qa_lightning.data.windowing import make_eval_windows, truncate_questions
 from qa_lightning.errors import ConfigError, InputError
 from qa_lightning.hardware import cpu_bf16_warning
+from qa_lightning.integrity import manifest_problems, write_atomic
 from qa_lightning.postprocess import best_window_spans, example_null_scores
-from qa_lightning.tokenizer import load_tokenizer
+from qa_lightning.tokenizer import check_tokenizer_fits, load_tokenizer, model_vocab_size
 
 log = logging.getLogger(__name__)
 
-#: File in an exported model directory holding the windowing and decoding it was trained with.
+#: File in an exported model directory holding the windowing and decoding it was trained with,
+#: and (under ``"files"``) the size and SHA-256 digest of every other file the export wrote.
 SETTINGS_FILE = "qa_lightning.json"
 OUTPUT_NAMES = ("start_logits", "end_logits")
 #: Questions windowed together, in ``batch_size`` units: their windows are batched sorted by
@@ -116,10 +117,38 @@ class InferenceSettings:
         """A copy with the overrides that are not ``None``."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / SETTINGS_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        return path
+    def save(self, directory: str | Path, files: dict[str, dict] | None = None) -> Path:
+        """Write the settings, with the manifest ``files`` of the directory's other files."""
+        saved: dict[str, Any] = asdict(self)
+        if files is not None:
+            saved["files"] = files
+        return write_atomic(Path(directory) / SETTINGS_FILE, json.dumps(saved, indent=2) + "\n")
+
+
+def check_model_dir(directory: str | Path) -> None:
+    """Raise a :class:`ConfigError` when a file listed in the directory's ``SETTINGS_FILE``
+    manifest is missing or differs from what the export wrote (directories without a manifest,
+    such as a hub model's, are not checked)."""
+    path = Path(directory) / SETTINGS_FILE
+    if not path.is_file():
+        return
+    try:
+        files = json.loads(path.read_text()).get("files")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise ConfigError(
+            f"'{path}' is damaged ({type(error).__name__}); export the model again: "
+            "python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt format=hf."
+        ) from error
+    if files is None:
+        return
+    problems = manifest_problems(directory, files)
+    if problems:
+        raise ConfigError(
+            f"the model directory '{directory}' is damaged or incomplete: {'; '.join(problems)} "
+            f"(compared with the manifest in {SETTINGS_FILE}). Copy it again, or export the "
+            "model again: python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt "
+            "format=hf (or format=onnx)."
+        )
 
 
 @dataclass(frozen=True)
@@ -351,11 +380,13 @@ class QuestionAnswerer:
 
         model_dir = _existing_dir(model_dir, "model_dir")
         _check_batch_size(batch_size)
+        check_model_dir(model_dir)
         inference_settings = InferenceSettings.from_dir(model_dir).updated(**settings)
         device = resolve_device(device)  # all checks before the model is loaded
         precision = resolve_precision(precision, device)
-        log.info("answering with PyTorch on %s in %s", device, precision)
         tokenizer = load_tokenizer(str(model_dir))
+        check_tokenizer_fits(tokenizer, model_dir, model_vocab_size(str(model_dir)), model_dir)
+        log.info("answering with PyTorch on %s in %s", device, precision)
         model = load_qa_model(str(model_dir))
         logits_fn = TorchLogits(model, device, precision)
         on_cpu = logits_fn.device.type == "cpu"
@@ -381,13 +412,13 @@ class QuestionAnswerer:
             )
         tokenizer_dir = _existing_dir(tokenizer_dir or onnx_path.parent, "model_dir")
         _check_batch_size(batch_size)
+        check_model_dir(tokenizer_dir)
         inference_settings = InferenceSettings.from_dir(tokenizer_dir).updated(**settings)
-        return cls(
-            load_tokenizer(str(tokenizer_dir)),
-            OnnxLogits(onnx_path),
-            inference_settings,
-            batch_size,
-        )
+        tokenizer = load_tokenizer(str(tokenizer_dir))
+        # the export writes the model's config.json beside model.onnx
+        vocab_size = model_vocab_size(str(tokenizer_dir))
+        check_tokenizer_fits(tokenizer, tokenizer_dir, vocab_size, onnx_path)
+        return cls(tokenizer, OnnxLogits(onnx_path), inference_settings, batch_size)
 
     def answer(
         self,
@@ -557,28 +588,25 @@ def write_answers(
     ``{"line", "id", "question", "answers": [{"answer", "score", "start", "end"}]}``, bad lines
     as ``{"line", "error"}``. Returns a summary with the bad lines.
 
-    The output is checked to be writable before any question is answered, and written to
-    ``<output>.part`` then renamed: an interrupted run leaves no half-written file.
+    The output is checked to be writable before any question is answered, and written with
+    :func:`~qa_lightning.integrity.write_atomic`: an interrupted run leaves no half-written file.
     """
     output_path = Path(output_path)
-    partial = output_path.with_name(output_path.name + ".part")
+    probe = output_path.with_name(output_path.name + ".part")
     try:
         if output_path.is_dir():
             raise IsADirectoryError(21, "Is a directory")
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        partial.touch()
+        probe.touch()
+        probe.unlink()
     except OSError as error:
         raise ConfigError(
             f"cannot write output='{output_path}' ({error.strerror}); give a writable file "
             "path, e.g. output=answers.jsonl."
         ) from error
-    try:
-        answers = answerer.answer(
-            [q.question for q in questions], [q.context for q in questions], top_k, progress
-        )
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    answers = answerer.answer(
+        [q.question for q in questions], [q.context for q in questions], top_k, progress
+    )
     rows = [
         {
             "line": q.line,
@@ -591,17 +619,14 @@ def write_answers(
     rows += [{"line": number, "error": problem} for number, problem in problems]
     rows.sort(key=lambda row: row["line"])
     try:
-        with partial.open("w", encoding="utf-8") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(partial, output_path)
+        write_atomic(
+            output_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        )
     except OSError as error:
         raise ConfigError(
             f"cannot write output='{output_path}' ({error.strerror}); the answers could not be "
             "saved: free disk space or give another output=PATH, and run again."
         ) from error
-    finally:
-        partial.unlink(missing_ok=True)
     return {
         "answered": len(questions),
         "bad_lines": [{"line": n, "problem": p} for n, p in problems],

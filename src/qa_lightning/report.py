@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import sys
 import traceback
@@ -34,6 +33,9 @@ from hydra.errors import OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from qa_lightning.errors import ResourceError
+from qa_lightning.integrity import write_atomic
 
 log = logging.getLogger(__name__)
 _ABSENT = object()  # an override that a run does not have
@@ -75,7 +77,12 @@ def read_run(run_dir: str | Path, sweep_dir: str | Path | None = None) -> dict[s
     """One row of the summary; ``params`` holds the run's overrides as ``{key: value}``, scores
     are ``None`` for a failed run."""
     run_dir = Path(run_dir)
-    overrides = [str(o) for o in _read_yaml(run_dir / ".hydra" / "overrides.yaml") or []]
+    damaged: list[str] = []  # files of the run that do not parse: named in the row's error
+    overrides = _read_yaml(run_dir, ".hydra/overrides.yaml", damaged) or []
+    if not isinstance(overrides, list):
+        damaged.append(".hydra/overrides.yaml is not a list")
+        overrides = []
+    overrides = [str(o) for o in overrides]
     row: dict[str, Any] = {
         "run": run_dir.relative_to(sweep_dir).as_posix() if sweep_dir else run_dir.name,
         "status": "failed",
@@ -85,7 +92,7 @@ def read_run(run_dir: str | Path, sweep_dir: str | Path | None = None) -> dict[s
         "wall_time_s": None,
         "params": parse_overrides(overrides),
         "overrides": " ".join(overrides),
-        "error": "",
+        "error": "; ".join(damaged),
     }
     metrics_file = run_dir / "metrics.json"
     try:
@@ -146,14 +153,14 @@ def write_report(sweep_dir: str | Path, x: str | None = None) -> list[dict[str, 
     """
     sweep_dir = Path(sweep_dir)
     rows = summarize(sweep_dir)
-    _write_atomic(sweep_dir / "summary.csv", to_csv(rows).encode())
-    _write_atomic(sweep_dir / "summary.md", to_markdown(rows, title=sweep_dir.name).encode())
+    write_atomic(sweep_dir / "summary.csv", to_csv(rows))
+    write_atomic(sweep_dir / "summary.md", to_markdown(rows, title=sweep_dir.name))
     try:
         png = plot_png(rows, title=sweep_dir.name, x=x)
     except ImportError:
         log.warning("no summary.png: it needs matplotlib (pip install 'qa-lightning[sweep]')")
     else:
-        _write_atomic(sweep_dir / "summary.png", png)
+        write_atomic(sweep_dir / "summary.png", png)
     return rows
 
 
@@ -306,7 +313,7 @@ class SweepSummary(Callback):
                 job_return.return_value  # noqa: B018 (raises the job's exception)
             except Exception as error:
                 text = "".join(traceback.format_exception(error))
-                (run_dir / "error.txt").write_text(text)
+                write_atomic(run_dir / "error.txt", text)
                 log.error("run %s failed: %s: %s", run_dir, type(error).__name__, error)
         try:
             write_report(config.hydra.sweep.dir, self.x)
@@ -356,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rows = write_report(args.sweep_dir, args.x)
+    except ResourceError as error:  # a full disk
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(
             f"error: cannot write the summary to {args.sweep_dir} ({error.strerror or error}"
@@ -369,10 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(run_dir: Path, name: str, damaged: list[str]) -> Any:
+    """The YAML file ``run_dir/name``; ``None`` when it is absent or does not parse (then
+    ``damaged`` gets a line naming it)."""
+    path = run_dir / name
     try:
         return yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        damaged.append(f"unreadable {name} ({type(error).__name__})")
         return None
 
 
@@ -412,15 +426,6 @@ def _fmt(value: Any, spec: str) -> str:
 def _natural_key(text: str) -> list[Any]:
     """``2`` before ``10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Loading tokenizers with a clear message when the hub or the path is not there."""
+"""Loading tokenizers with a clear message when the hub or the path is not there, and checking
+that a tokenizer fits its model before any work."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -33,3 +35,97 @@ def load_tokenizer(name_or_path: str) -> Any:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else ""
+
+
+#: Special tokens that windowing needs: [CLS] labels the windows without the answer, [SEP] ends
+#: the question and the context, [PAD] fills batches (names as in ``transformers``).
+REQUIRED_SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token")
+#: A tokenizer may have fewer tokens than the model's embedding rows, whose count some models
+#: round up (DeBERTa-v3: 128,001 tokens for vocab_size=128,100), but not fewer than this share:
+#: a tokenizer that transformers builds for a directory without tokenizer files has only its
+#: special tokens (5 for BERT).
+MIN_VOCAB_SHARE = 0.9
+#: Files a tokenizer is loaded from (any one of them makes a directory hold a tokenizer).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+def tokenizer_misfit(tokenizer: Any, vocab_size: int) -> str | None:
+    """Why ``tokenizer`` cannot feed a model with ``vocab_size`` embedding rows, or ``None``."""
+    size = len(tokenizer)
+    if size > vocab_size:
+        return (
+            f"it has {size} tokens, more than the model's vocab_size={vocab_size}: token ids "
+            f">= {vocab_size} have no embedding"
+        )
+    if size < MIN_VOCAB_SHARE * vocab_size:
+        return f"it has {size} tokens but the model's vocab_size is {vocab_size}"
+    missing = [name for name in REQUIRED_SPECIAL_TOKENS if getattr(tokenizer, name, None) is None]
+    if missing:
+        return f"it has no {', '.join(missing)}, which windowing needs"
+    return None
+
+
+def check_tokenizer_fits(
+    tokenizer: Any, tokenizer_source: str | Path, vocab_size: int, model_source: str | Path
+) -> None:
+    """Raise a :class:`ConfigError` naming the tokenizer's directory and its files when
+    ``tokenizer`` does not fit the model (see :func:`tokenizer_misfit`)."""
+    problem = tokenizer_misfit(tokenizer, vocab_size)
+    if problem is None:
+        return
+    where = Path(tokenizer_source)
+    if where.is_dir():
+        present = [name for name in TOKENIZER_FILES if (where / name).is_file()]
+        files = (
+            f"'{where}' holds {', '.join(present)}"
+            if present
+            else f"'{where}' holds no tokenizer file ({', '.join(TOKENIZER_FILES)}), so "
+            "transformers built a tokenizer of its special tokens only"
+        )
+    else:
+        files = f"'{tokenizer_source}' is not a local directory"
+    raise ConfigError(
+        f"the tokenizer of '{tokenizer_source}' does not fit the model of '{model_source}': "
+        f"{problem}. {files}. Give the tokenizer the model was trained with: copy its files "
+        "(tokenizer.json, tokenizer_config.json ...; training writes them to <run dir>/hf_model/) "
+        "into the directory, or export the checkpoint again with python -m qa_lightning.export "
+        "ckpt_path=... format=hf."
+    )
+
+
+def model_vocab_size(name_or_path: str, config_overrides: dict[str, Any] | None = None) -> int:
+    """``vocab_size`` of the config of ``name_or_path``, updated with ``config_overrides``."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    if OmegaConf.is_config(config_overrides):
+        config_overrides = OmegaConf.to_container(config_overrides, resolve=True)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **(config_overrides or {}))
+    except Exception as error:  # hub, file and config errors come in many types
+        raise ConfigError(
+            f"could not load the model config of '{name_or_path}' ({type(error).__name__}: "
+            f"{_first_line(error)}). Check model.name_or_path (a directory needs its "
+            f"config.json). {OFFLINE_HINT}"
+        ) from error
+    return int(config.vocab_size)
+
+
+def load_model_tokenizer(
+    tokenizer_name_or_path: str,
+    model_name_or_path: str,
+    config_overrides: dict[str, Any] | None = None,
+) -> Any:
+    """:func:`load_tokenizer`, checked to fit the model of ``model_name_or_path``."""
+    tokenizer = load_tokenizer(tokenizer_name_or_path)
+    vocab_size = model_vocab_size(model_name_or_path, config_overrides)
+    check_tokenizer_fits(tokenizer, tokenizer_name_or_path, vocab_size, model_name_or_path)
+    return tokenizer

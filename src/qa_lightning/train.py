@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,38 +18,50 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.cli import explain_out_of_memory, report_errors
+from qa_lightning.checkpointing import load_checkpoint_file, trust_setting
+from qa_lightning.cli import explain_out_of_memory, is_disk_full, report_errors
 from qa_lightning.config import register_resolvers, validate_max_length, validate_train_config
 from qa_lightning.distill import attach_teacher_logits, check_teacher
-from qa_lightning.errors import ConfigError, TrainingError
-from qa_lightning.export import read_checkpoint, try_export_hf
+from qa_lightning.errors import ConfigError, ResourceError, TrainingError
+from qa_lightning.export import try_export_hf
 from qa_lightning.hardware import cpu_bf16_warning
-from qa_lightning.tokenizer import load_tokenizer
+from qa_lightning.integrity import disk_full_error, free_space, write_atomic
+from qa_lightning.tokenizer import load_model_tokenizer
 
 log = logging.getLogger(__name__)
 register_resolvers()
 
 
-def resume_checkpoint(cfg: DictConfig) -> str | None:
+def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, bool]:
     """``ckpt_path`` if given, else with ``resume=true`` the run dir's last checkpoint; checked
-    to be readable before any work."""
+    to be intact and safe to load (see :func:`~qa_lightning.checkpointing.load_checkpoint_file`)
+    before any work. Returns it and the ``weights_only`` to load it with."""
+    trust = trust_setting(cfg)
     if cfg.get("ckpt_path"):
         path, key = Path(cfg.ckpt_path), "ckpt_path"
     else:
         path, key = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", "resume=true"
         if not (cfg.get("resume") and path.is_file()):
-            return None
+            return None, True
     if path.is_dir():  # a sharded (DeepSpeed, FSDP) checkpoint: its strategy reads it
-        return str(path)
+        return str(path), not trust
     try:
-        read_checkpoint(path)  # memory-mapped: reads the header, not the weights
+        weights_only = load_checkpoint_file(path, trust)[1]  # memory-mapped
     except ConfigError as error:
         raise ConfigError(
             f"{error} Cannot continue from it ({key}); give another checkpoint with "
             "ckpt_path=PATH (e.g. the run's checkpoints/best-*.ckpt), or start afresh in a new "
             "run dir."
         ) from error
-    return str(path)
+    return str(path), weights_only
+
+
+def remove_partial_files(output_dir: Path) -> None:
+    """Remove the ``*.part`` files (checkpoints, ``metrics.json`` ...) that a run killed while
+    writing them left in its run dir."""
+    for partial_file in [*output_dir.glob("*.part"), *(output_dir / "checkpoints").glob("*.part")]:
+        log.info("removing %s, left by an interrupted write", partial_file)
+        partial_file.unlink(missing_ok=True)
 
 
 def fit(
@@ -55,9 +70,11 @@ def fit(
     datamodule: Any,
     cfg: DictConfig,
     ckpt_path: str | None = None,
+    weights_only: bool = True,
 ) -> None:
-    """``trainer.fit``; a non-finite loss or running out of memory becomes a :class:`QAError`
-    naming the settings to change and the checkpoint kept."""
+    """``trainer.fit``; a non-finite loss, running out of memory or a full disk (checkpoints,
+    TensorBoard events) becomes a :class:`QAError` naming the settings to change and the
+    checkpoint kept."""
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     data, trainer_cfg = cfg.data, cfg.trainer
     memory_settings = {
@@ -81,11 +98,47 @@ def fit(
         ),
     ):
         try:
-            # our own checkpoints hold OmegaConf hyperparameters and RNG states: not
-            # weights_only-loadable
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+            with explain_disk_full(cfg):
+                trainer.fit(
+                    model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only
+                )
         except FloatingPointError as error:
             raise diverged_error(error, cfg, last) from error
+
+
+@contextmanager
+def explain_disk_full(cfg: DictConfig) -> Iterator[None]:
+    """A full disk inside the block (TensorBoard events, written by a background thread whose
+    error surfaces at the next write) becomes a :class:`ResourceError` saying what is kept;
+    checkpoints raise their own (see :class:`~qa_lightning.checkpointing.AtomicCheckpointIO`)."""
+    try:
+        yield
+    except ResourceError:
+        raise
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise disk_full_while_training(error, cfg) from error
+
+
+def disk_full_while_training(error: BaseException, cfg: DictConfig) -> ResourceError:
+    """A full disk while training wrote something else than a checkpoint (TensorBoard events)."""
+    while not isinstance(error, OSError) and (error.__cause__ or error.__context__):
+        error = error.__cause__ or error.__context__
+    output_dir = Path(cfg.paths.output_dir)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    written = getattr(error, "filename", None) or f"the run dir '{output_dir}'"
+    kept = (
+        f"'{last}' is kept: continue with resume=true hydra.run.dir={output_dir} once there is "
+        "room."
+        if last.is_file()
+        else "No checkpoint was written yet."
+    )
+    return ResourceError(
+        f"no space left on the disk of '{output_dir}' ({free_space(output_dir)}) while training "
+        f"wrote {written} (TensorBoard events, logs; {type(error).__name__}: {error}). Free disk "
+        f"space, or run on a disk with room (hydra.run.dir=DIR). {kept}"
+    )
 
 
 def diverged_error(error: FloatingPointError, cfg: DictConfig, last: Path) -> TrainingError:
@@ -114,8 +167,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then write ``metrics.json``, ``predictions.json`` and the resolved config to the run
     dir. Returns the metrics written."""
     validate_train_config(cfg)
-    ckpt_path = resume_checkpoint(cfg)  # an unreadable checkpoint fails before any work
-    tokenizer = load_tokenizer(cfg.data.tokenizer_name_or_path)
+    # an unreadable or unsafe checkpoint, or a tokenizer that does not fit, fails before any work
+    ckpt_path, weights_only = resume_checkpoint(cfg)
+    tokenizer = load_model_tokenizer(
+        cfg.data.tokenizer_name_or_path, cfg.model.name_or_path, cfg.model.get("config_overrides")
+    )
     validate_max_length(cfg.data.max_length, tokenizer)
     if cfg.get("distill"):  # the teacher exists and shares the student's tokenizer
         check_teacher(cfg.distill, tokenizer, cfg.data.max_length)
@@ -124,7 +180,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if ckpt_path:
+        remove_partial_files(output_dir)
+    write = partial(
+        write_atomic,
+        on_disk_full=partial(
+            disk_full_error,
+            advice=f"then finish the run with resume=true hydra.run.dir={output_dir}.",
+        ),
+    )
+    write(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     # trainer first: its config errors (precision, accelerator ...) surface before any work
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
@@ -135,11 +200,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("distill"):  # the teacher's logits of every training window, once (cached)
         attach_teacher_logits(datamodule, cfg.distill, trainer.strategy.root_device)
     model = instantiate(cfg.model)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    with explain_disk_full(cfg):  # the first TensorBoard events
+        for logger in trainer.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     start = time.perf_counter()
-    fit(trainer, model, datamodule, cfg, ckpt_path)
+    fit(trainer, model, datamodule, cfg, ckpt_path, weights_only)
     wall_time = time.perf_counter() - start
 
     metrics = {
@@ -157,13 +223,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else None,
     }
     if metrics["best_checkpoint"] and trainer.is_global_zero:
-        metrics["hf_model"] = try_export_hf(metrics["best_checkpoint"], output_dir / "hf_model")
+        metrics["hf_model"] = try_export_hf(
+            metrics["best_checkpoint"], output_dir / "hf_model", trust_setting(cfg)
+        )
     if not trainer.is_global_zero:  # DDP: rank 0 writes the run's files
         return metrics
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (output_dir / "predictions.json").write_text(
-        json.dumps(model.best_predictions, indent=1, ensure_ascii=False)
+    # predictions first: a run with metrics.json is complete
+    write(
+        output_dir / "predictions.json",
+        json.dumps(model.best_predictions, indent=1, ensure_ascii=False),
     )
+    write(output_dir / "metrics.json", json.dumps(metrics, indent=2))
     log.info(
         "best val/f1 %.2f (em %.2f) at epoch %d",
         model.best["f1"],

@@ -5,18 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
 
+from qa_lightning.integrity import file_manifest, manifest_problems, staged_directory
+
 log = logging.getLogger(__name__)
 
 #: Bump when the windowing semantics change, so that old caches are not reused.
 CACHE_VERSION = 2
+#: Sizes and SHA-256 digests of an entry's files, written last into the entry.
+MANIFEST = "qa_lightning_manifest.json"
 
 
 def examples_fingerprint(examples: datasets.Dataset) -> str:
@@ -55,24 +59,55 @@ def cached(
 ) -> datasets.Dataset:
     """Load the windows saved under ``key``, or build, save (atomically) and reload them.
 
-    Reloaded windows are memory-mapped Arrow files. With ``cache_dir=None`` nothing is cached.
+    Reloaded windows are memory-mapped Arrow files, checked against the manifest written with
+    them; a damaged entry (a file cut short or altered, no manifest, or one that does not load)
+    is never used: it is rebuilt, with a warning naming it. With ``cache_dir=None`` nothing is
+    cached.
     """
     if cache_dir is None:
         return build()
     target = Path(cache_dir) / key
-    if (target / "dataset_info.json").is_file():
-        log.info("loading cached windows from %s", target)
-        return datasets.load_from_disk(str(target))
+    if target.exists():
+        problem = entry_problem(target)
+        if problem is None:
+            try:
+                windows = datasets.load_from_disk(str(target))
+                log.info("loading cached windows from %s", target)
+                return windows
+            except Exception as error:  # Arrow, JSON and file errors come in many types
+                problem = f"it does not load ({type(error).__name__}: {_first_line(error)})"
+        log.warning("the window cache entry '%s' is damaged (%s); rebuilding it", target, problem)
+        discard(target)
     windows = build()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
-    try:
+    with staged_directory(target, replace=False) as staging:
         windows.save_to_disk(str(staging))
-        staging.replace(target)
-    except OSError:
-        if not target.exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        (staging / MANIFEST).write_text(json.dumps(file_manifest(staging), indent=1))
     log.info("cached windows in %s", target)
     return datasets.load_from_disk(str(target))
+
+
+def entry_problem(entry: Path) -> str | None:
+    """Why the cache entry ``entry`` cannot be used, or ``None`` when its files are as written."""
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST}: written by an older version, or incompletely"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"unreadable {MANIFEST} ({type(error).__name__})"
+    problems = manifest_problems(entry, manifest)
+    return "; ".join(problems) if problems else None
+
+
+def discard(entry: Path) -> None:
+    """Remove a damaged cache entry: renamed away first, so that no process loads it meanwhile."""
+    doomed = entry.with_name(f".{entry.name}.damaged-{os.getpid()}")
+    try:
+        entry.rename(doomed)
+    except OSError:
+        doomed = entry
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""

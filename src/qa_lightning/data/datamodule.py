@@ -8,6 +8,7 @@ from typing import Any
 
 import datasets
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
@@ -165,8 +166,10 @@ class SquadDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_windows is None:
             self.val_examples = self.load_examples("validation")
             windows = self.windows(self.val_examples, train=False)
-            # sorted, so that DDP's every-n-th-window shards get alike shares of long windows
-            self.val_windows = windows.sort("length", reverse=True)
+            # sorted, so that DDP's every-n-th-window shards get alike shares of long windows;
+            # the order is kept in memory (Dataset.sort writes it beside the verified cache entry)
+            order = np.argsort(-np.asarray(windows["length"][:]), kind="stable")
+            self.val_windows = windows.select(order, keep_in_memory=True)
             log.info("validation: %d questions -> %d windows", len(self.val_examples), len(windows))
 
     # -- loaders -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from transformers import AutoConfig, AutoModelForQuestionAnswering, get_scheduler
 
+from qa_lightning.checkpointing import plain
 from qa_lightning.distill import batch_distillation_loss, mixed_loss
 from qa_lightning.errors import ConfigError
 from qa_lightning.metrics import squad_v1_scores, squad_v2_scores
@@ -267,11 +268,20 @@ class QAModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Besides the best scores: the last validation's scores (its ``best_f1_thresh`` is what
+        """Besides the best scores: the last validation's scores and predictions (a run resumed
+        from its end writes the same metrics.json; its ``best_f1_thresh`` is what
         ``null_score_diff_threshold=best`` exports) and the model's config and tokenizer files,
-        so that the checkpoint rebuilds its model without ``name_or_path``."""
-        checkpoint["qa_best"] = {"scores": self.best, "predictions": self.best_predictions}
-        checkpoint["qa_last_scores"] = dict(self.last_scores)
+        so that the checkpoint rebuilds its model without ``name_or_path``. Only tensors and
+        plain values, so that the checkpoint loads with ``weights_only=True``."""
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = plain(checkpoint[key])
+        for key in ("hparams_type", "datamodule_hparams_type"):  # a class: not loadable safely
+            checkpoint.pop(key, None)
+        checkpoint["qa_best"] = plain({"scores": self.best, "predictions": self.best_predictions})
+        checkpoint["qa_last"] = plain(
+            {"scores": self.last_scores, "predictions": self.last_predictions}
+        )
         if self._model_files is None:
             datamodule = self.trainer.datamodule if self._trainer is not None else None
             self._model_files = model_files(
@@ -283,7 +293,9 @@ class QAModule(L.LightningModule):
         saved = checkpoint.get("qa_best")
         if saved:
             self.best, self.best_predictions = saved["scores"], saved["predictions"]
-        self.last_scores = dict(checkpoint.get("qa_last_scores") or {})
+        last = checkpoint.get("qa_last")
+        if last:
+            self.last_scores, self.last_predictions = last["scores"], last["predictions"]
 
 
 def _plain(overrides: Any) -> dict[str, Any] | None:
