@@ -491,14 +491,13 @@ def test_report_names_the_damaged_files_of_a_run(tmp_path: Path) -> None:
     run = tmp_path / "0"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_bytes(b"\xff\xfe- model.lr=1e-5\n")
-    (run / "config_resolved.yaml").write_text("model: [unclosed\n")
     (run / "metrics.json").write_text(json.dumps({"best": {"f1": 50.0, "em": 40.0, "epoch": 1}}))
     (row,) = report.summarize(tmp_path)
     assert row["status"] == "ok" and row["f1"] == 50.0
-    assert row["error"] == (
-        "unreadable .hydra/overrides.yaml (UnicodeDecodeError); "
-        "unreadable config_resolved.yaml (ParserError)"
-    )
+    assert row["error"] == "unreadable .hydra/overrides.yaml (UnicodeDecodeError)"
+    (run / ".hydra" / "overrides.yaml").write_text("model.lr: 1e-5\n")  # not a list
+    (row,) = report.summarize(tmp_path)
+    assert row["error"] == ".hydra/overrides.yaml is not a list"
 
 
 # -- a full disk while training --------------------------------------------------------------

@@ -23,7 +23,8 @@ from qa_lightning.export import checkpoint_model_config, load_checkpoint
 from qa_lightning.model import load_qa_model
 from qa_lightning.model.layers import check_keep_layers
 
-SIZES = {"vocab_size": 99, "max_position_embeddings": 64}
+#: MiniLM's vocabulary: the rebuilt checkpoints name its tokenizer, which must fit the model.
+SIZES = {"vocab_size": 30522, "max_position_embeddings": 64}
 #: Random 4-layer encoders of the three supported families (built locally, no hub).
 CONFIGS = {
     "bert": lambda: BertConfig(
