@@ -207,7 +207,7 @@ def test_cli_reads_jsonl_from_stdin_and_writes_answers_to_stdout(
         "answered 2 question(s) into standard output; skipped 1 bad line(s): line 2 "
         "(not valid JSON (Expecting value, column 34))" in result.stderr
     )
-    assert "line 2: not valid JSON" in result.stderr  # the logged warning
+    assert "standard input line 2: not valid JSON" in result.stderr  # the logged warning
     assert not list((tmp_path / "run").glob("answers.jsonl"))
 
 

@@ -52,7 +52,7 @@ def auto_precision(device: str | None = None) -> str:
     """The precision that pays on ``device`` (default: the GPU if there is one, else the CPU):
     ``bf16-mixed`` on GPUs that support it, ``16-mixed`` on other GPUs; on the CPU
     ``bf16-mixed`` where it computes bf16 natively (same F1 as fp32 within 0.2 on the shared
-    split, faster: see README), else fp32."""
+    split, faster: see docs/accuracy.md), else fp32."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(device).type == "cuda":

@@ -490,8 +490,9 @@ def load_question_file(path: str | Path) -> tuple[list[QuestionLine], list[tuple
     """:func:`read_question_lines`, logging each bad line; a file with no answerable line is an
     :class:`InputError`."""
     questions, problems = read_question_lines(path)
+    source = "standard input" if str(path) == STDIO else path
     for number, problem in problems:
-        log.warning("%s line %d: %s; skipped", path, number, problem)
+        log.warning("%s line %d: %s; skipped", source, number, problem)
     if not questions:
         raise InputError(
             f"input='{path}' has no line that can be answered ({len(problems)} bad line(s)); "
