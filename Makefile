@@ -13,13 +13,13 @@ T4 := $(VENV)/transformers4
 T4_PACKAGES := transformers==4.57.1 huggingface_hub==0.36.2 tokenizers==0.22.2 \
 	requests urllib3 idna certifi charset_normalizer
 
-.PHONY: setup demo test test-all lint bench
+.PHONY: setup demo test test-all lint bench wheel-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,demo]"  # editable, for development; dev includes demo
 	touch $@
 
 $(T4)/.installed: $(VENV)/.installed
@@ -41,3 +41,7 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# the built wheel (+ demo extra) in a fresh virtualenv, from an empty directory: demo epoch, predict
+wheel-check:
+	TORCH="$(TORCH)" scripts/wheel_check.sh

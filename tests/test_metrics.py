@@ -50,3 +50,16 @@ def test_missing_prediction_counts_as_empty_and_extra_predictions_are_ignored():
 def test_no_questions_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         squad_v1_scores({"q": "x"}, {})
+
+
+def test_scores_are_float64_as_the_official_script_computes_them():
+    """8 exact matches of 30 are 26.666666666666668 (float32 would give 26.66666603); F1 sums
+    Python floats per question, as the official script's ``100.0 * f1 / total``."""
+    references = {f"q{i}": ["Paris"] for i in range(30)}
+    predictions = {f"q{i}": "Paris" for i in range(8)}
+    predictions |= {f"q{i}": "Paris France" for i in range(8, 11)}  # F1 2/3 each
+    scores = squad_v1_scores(predictions, references)
+    assert scores["em"] == 26.666666666666668 == 100.0 * 8 / 30
+    two_thirds = 2 * 0.5 * 1.0 / (0.5 + 1.0)
+    assert scores["f1"] == 100.0 * sum([1.0] * 8 + [two_thirds] * 3 + [0.0] * 19) / 30
+    assert type(scores["em"]) is float and type(scores["f1"]) is float

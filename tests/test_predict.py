@@ -6,6 +6,7 @@ not about answer quality (see test_export.py for a trained model).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -67,12 +68,13 @@ def validation():
     return load_local_file(resource_path("demo/validation.json"))
 
 
-def run_predict(*overrides: str) -> subprocess.CompletedProcess:
+def run_predict(*overrides: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
         [sys.executable, "-m", "qa_lightning.predict", *overrides],
         cwd=ROOT,
         env=env,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=300,
@@ -166,6 +168,73 @@ def test_jsonl_file_reports_bad_lines_and_answers_the_rest(
         for answer in row["answers"]:
             assert CONTEXT[answer["start"] : answer["end"]] == answer["answer"]
     assert {row["line"] for row in rows if "error" in row} == {2, 5, 6}
+
+
+#: jsonl as a user pipes it: UTF-8 text unescaped, a line that is not JSON, a line without id.
+STDIN_LINES = [
+    json.dumps(
+        {"id": "z", "question": "When did Zoë move to Kraków, and why?", "context": CONTEXT},
+        ensure_ascii=False,
+    ),
+    '{"question": "When?", "context": ',  # line 2: not JSON
+    json.dumps({"question": QUESTION, "context": CONTEXT}),
+]
+
+
+def test_cli_reads_jsonl_from_stdin_and_writes_answers_to_stdout(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """``input=-`` without ``output``: standard output holds only the answer rows (logs and the
+    summary go to standard error), a bad line is reported by number, text needs no quoting."""
+    result = run_predict(
+        f"model_dir={model_dir}",
+        "input=-",
+        "top_k=2",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        stdin="\n".join(STDIN_LINES) + "\n",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]  # nothing but jsonl
+    assert [row["line"] for row in rows] == [1, 2, 3]
+    assert rows[0]["id"] == "z" and rows[0]["question"] == "When did Zoë move to Kraków, and why?"
+    assert rows[1] == {"line": 2, "error": "not valid JSON (Expecting value, column 34)"}
+    for row in (rows[0], rows[2]):
+        assert len(row["answers"]) == 2
+        for answer in row["answers"]:
+            assert CONTEXT[answer["start"] : answer["end"]] == answer["answer"]
+    assert (
+        "answered 2 question(s) into standard output; skipped 1 bad line(s): line 2 "
+        "(not valid JSON (Expecting value, column 34))" in result.stderr
+    )
+    assert "standard input line 2: not valid JSON" in result.stderr  # the logged warning
+    assert not list((tmp_path / "run").glob("answers.jsonl"))
+
+
+def test_stdin_to_an_output_file_and_a_file_to_stdout(
+    compose_train, model_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``input=-`` with ``output=FILE`` writes the file; ``output=-`` writes any input's answers
+    to standard output; both hold the rows an input file gives."""
+    text = "\n".join(STDIN_LINES) + "\n"
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(text, encoding="utf-8")
+    expected = tmp_path / "expected.jsonl"
+    base = [f"model_dir={model_dir}", "device=cpu", "precision=32-true", "progress=false"]
+    predict(compose_train([*base, f"input={questions}", f"output={expected}"], "predict"))
+    capsys.readouterr()
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8"))))
+    output = tmp_path / "from_stdin.jsonl"
+    summary = predict(compose_train([*base, "input=-", f"output={output}"], "predict"))
+    assert summary["answered"] == 2 and summary["output"] == str(output)
+    assert output.read_text(encoding="utf-8") == expected.read_text(encoding="utf-8")
+    assert capsys.readouterr().out.startswith("answered 2 question(s) into")
+
+    summary = predict(compose_train([*base, f"input={questions}", "output=-"], "predict"))
+    captured = capsys.readouterr()
+    assert captured.out == expected.read_text(encoding="utf-8")
+    assert "answered 2 question(s) into standard output" in captured.err
 
 
 def test_file_without_answerable_lines_is_an_error(tmp_path: Path, answerer) -> None:

@@ -50,8 +50,9 @@ def test_metrics_and_predictions_agree(trained) -> None:
         qid: a["text"] for qid, a in zip(examples["id"], examples["answers"], strict=True)
     }
     rescored = squad_v1_scores(predictions, references)
-    assert rescored["f1"] == pytest.approx(metrics["best"]["f1"], abs=1e-4)
-    assert rescored["em"] == pytest.approx(metrics["best"]["em"], abs=1e-4)
+    # as computed, in float64 (not the float32 of logged values or torchmetrics' tensors)
+    assert rescored["f1"] == metrics["best"]["f1"]
+    assert rescored["em"] == metrics["best"]["em"]
     assert metrics["best"]["f1"] >= metrics["final"]["f1"]
     assert metrics["epochs"] == EPOCHS
     assert metrics["validation_questions"] == 30

@@ -47,10 +47,10 @@ def user_error(error: BaseException) -> str | None:
     if isinstance(error, QAError):
         return one_paragraph(str(error))
     cause = error.__cause__
-    if isinstance(error, InstantiationException | OmegaConfBaseException) and isinstance(
-        cause, QAError
+    if isinstance(error, InstantiationException | OmegaConfBaseException) and (
+        qa_error := _qa_error_in_chain(error)
     ):
-        return one_paragraph(str(cause))  # raised by a target's __init__ or by a resolver
+        return one_paragraph(str(qa_error))  # raised by a target's __init__ or by a resolver
     if isinstance(error, InstantiationException) and (
         cause is None or isinstance(cause, CONFIG_CAUSES) or _is_misconfiguration(cause)
     ):
@@ -67,6 +67,18 @@ def user_error(error: BaseException) -> str | None:
             f"invalid config: {str(error).strip().rstrip('.')}. Fix the value named by full_key; "
             "add --cfg job to the command to print the composed config."
         )
+    return None
+
+
+def _qa_error_in_chain(error: BaseException) -> QAError | None:
+    """The :class:`QAError` that ``error`` was raised from, if any: OmegaConf re-raises a
+    resolver's error as the context (not the cause) of its own, once per interpolation level."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, QAError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
     return None
 
 

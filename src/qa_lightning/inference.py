@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -43,6 +44,8 @@ OUTPUT_NAMES = ("start_logits", "end_logits")
 CHUNK_BATCHES = 16
 #: ``precision`` of the PyTorch backend -> autocast dtype (``None``: fp32), as Lightning names them.
 AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+#: ``input=-`` / ``output=-``: standard input / standard output instead of a file.
+STDIO = "-"
 
 
 @dataclass(frozen=True)
@@ -506,23 +509,38 @@ class QuestionLine:
     context: str
 
 
+def read_input_text(path: str | Path) -> str:
+    """The UTF-8 text of the file ``path``, or of standard input when ``path`` is ``-``."""
+    if str(path) == STDIO:
+        if sys.stdin.isatty():
+            log.warning("reading jsonl questions from standard input (end with Ctrl-D)")
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(
+                f"input='{path}' {what} (resolved to '{path.resolve()}'); give a jsonl file "
+                'with one {"question": ..., "context": ...} object a line, or input=- to read '
+                "them from standard input."
+            )
+        data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"input='{path}' is not valid UTF-8 (byte {error.start}); re-encode it as UTF-8."
+        ) from error
+
+
 def read_question_lines(path: str | Path) -> tuple[list[QuestionLine], list[tuple[int, str]]]:
-    """Questions of a jsonl file (one ``{"question", "context", "id"?}`` object a line) and the
-    problems of the lines that cannot be answered, as ``(line number, problem)``.
+    """Questions of a jsonl file, or of standard input for ``-`` (one ``{"question",
+    "context", "id"?}`` object a line) and the problems of the lines that cannot be answered,
+    as ``(line number, problem)``.
 
     Blank lines are ignored.
     """
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(
-            f"input='{path}' {what} (resolved to '{path.resolve()}'); give a jsonl file with "
-            'one {"question": ..., "context": ...} object a line.'
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise InputError(f"input='{path}' is not valid UTF-8; re-encode it as UTF-8.") from error
+    text = read_input_text(path)
     questions, problems = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -554,8 +572,9 @@ def load_question_file(path: str | Path) -> tuple[list[QuestionLine], list[tuple
     """:func:`read_question_lines`, logging each bad line; a file with no answerable line is an
     :class:`InputError`."""
     questions, problems = read_question_lines(path)
+    source = "standard input" if str(path) == STDIO else path
     for number, problem in problems:
-        log.warning("%s line %d: %s; skipped", path, number, problem)
+        log.warning("%s line %d: %s; skipped", source, number, problem)
     if not questions:
         raise InputError(
             f"input='{path}' has no line that can be answered ({len(problems)} bad line(s)); "
@@ -584,13 +603,24 @@ def write_answers(
     top_k: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Answer questions into a jsonl file, a line per input line: answered lines as
-    ``{"line", "id", "question", "answers": [{"answer", "score", "start", "end"}]}``, bad lines
-    as ``{"line", "error"}``. Returns a summary with the bad lines.
+    """Answer questions into a jsonl file (standard output for ``-``), a line per input line:
+    answered lines as ``{"line", "id", "question", "answers": [{"answer", "score", "start",
+    "end"}]}``, bad lines as ``{"line", "error"}``. Returns a summary with the bad lines.
 
-    The output is checked to be writable before any question is answered, and written with
+    A file is checked to be writable before any question is answered, and written with
     :func:`~qa_lightning.integrity.write_atomic`: an interrupted run leaves no half-written file.
     """
+    summary = {
+        "answered": len(questions),
+        "bad_lines": [{"line": n, "problem": p} for n, p in problems],
+        "output": str(output_path),
+    }
+    if str(output_path) == STDIO:
+        rows = answer_rows(answerer, questions, problems, top_k, progress)
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        return summary
     output_path = Path(output_path)
     probe = output_path.with_name(output_path.name + ".part")
     try:
@@ -604,6 +634,27 @@ def write_answers(
             f"cannot write output='{output_path}' ({error.strerror}); give a writable file "
             "path, e.g. output=answers.jsonl."
         ) from error
+    rows = answer_rows(answerer, questions, problems, top_k, progress)
+    try:
+        write_atomic(
+            output_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        )
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write output='{output_path}' ({error.strerror}); the answers could not be "
+            "saved: free disk space or give another output=PATH, and run again."
+        ) from error
+    return summary
+
+
+def answer_rows(
+    answerer: QuestionAnswerer,
+    questions: Sequence[QuestionLine],
+    problems: Sequence[tuple[int, str]],
+    top_k: int = 1,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The output rows of :func:`write_answers`, in input line order."""
     answers = answerer.answer(
         [q.question for q in questions], [q.context for q in questions], top_k, progress
     )
@@ -618,20 +669,7 @@ def write_answers(
     ]
     rows += [{"line": number, "error": problem} for number, problem in problems]
     rows.sort(key=lambda row: row["line"])
-    try:
-        write_atomic(
-            output_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        )
-    except OSError as error:
-        raise ConfigError(
-            f"cannot write output='{output_path}' ({error.strerror}); the answers could not be "
-            "saved: free disk space or give another output=PATH, and run again."
-        ) from error
-    return {
-        "answered": len(questions),
-        "bad_lines": [{"line": n, "problem": p} for n, p in problems],
-        "output": str(output_path),
-    }
+    return rows
 
 
 def _check_batch_size(batch_size: Any) -> None:

@@ -1,19 +1,35 @@
 """SQuAD exact match and F1 (official normalisation, max over reference answers), v1.1 and v2.
 
-v1.1 goes through ``torchmetrics.functional.text.squad``; v2 needs per-question scores (for the
-no-answer threshold), taken from the same torchmetrics helpers so that normalisation is shared.
+Text normalisation and tokens come from ``torchmetrics.functional.text.squad``; the scores are
+computed here in Python floats (float64), as the official scripts do: torchmetrics computes them
+in float32 tensors (8/30 exact matches would be reported as 26.66666603, not 26.666666666666668).
+Per-question semantics are torchmetrics' (an empty prediction against an empty reference has
+F1 1, as in the official v2 script).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from torchmetrics.functional.text import squad
-from torchmetrics.functional.text.squad import (
-    _compute_exact_match_score,
-    _compute_f1_score,
-    _normalize_text,
-)
+from torchmetrics.functional.text.squad import _get_tokens, _normalize_text
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when both normalise to the same text, else 0.0."""
+    return float(_normalize_text(prediction) == _normalize_text(reference))
+
+
+def f1_score(prediction: str, reference: str) -> float:
+    """Token-overlap F1 of the normalised texts, in float64 (torchmetrics' semantics)."""
+    reference_tokens, prediction_tokens = _get_tokens(reference), _get_tokens(prediction)
+    if not reference_tokens or not prediction_tokens:
+        return float(reference_tokens == prediction_tokens)
+    same = sum((Counter(reference_tokens) & Counter(prediction_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(prediction_tokens), same / len(reference_tokens)
+    return 2 * precision * recall / (precision + recall)
 
 
 def squad_v1_scores(
@@ -25,21 +41,20 @@ def squad_v1_scores(
     """
     if not references:
         raise ValueError("cannot score an empty set of questions")
-    preds = [{"id": qid, "prediction_text": predictions.get(qid, "")} for qid in references]
-    target = [
-        {"id": qid, "answers": {"text": list(texts), "answer_start": [0] * len(texts)}}
-        for qid, texts in references.items()
-    ]
-    scores = squad(preds, target)
-    return {"em": float(scores["exact_match"]), "f1": float(scores["f1"])}
+    exact = f1 = 0.0
+    for qid, texts in references.items():
+        prediction = predictions.get(qid, "")
+        exact += max((exact_match(prediction, t) for t in texts), default=0.0)
+        f1 += max((f1_score(prediction, t) for t in texts), default=0.0)
+    return {"em": 100.0 * exact / len(references), "f1": 100.0 * f1 / len(references)}
 
 
 def _question_scores(prediction: str, references: Sequence[str]) -> tuple[float, float]:
     """Official v2 per-question exact/F1: references normalising to nothing count as ``""``."""
     golds = [r for r in references if _normalize_text(r)] or [""]
-    exact = max(float(_compute_exact_match_score(prediction, g)) for g in golds)
-    f1 = max(float(_compute_f1_score(prediction, g)) for g in golds)
-    return exact, f1
+    return max(exact_match(prediction, g) for g in golds), max(
+        f1_score(prediction, g) for g in golds
+    )
 
 
 def _best_threshold(

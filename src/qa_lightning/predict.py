@@ -1,10 +1,12 @@
 """Answer questions: ``python -m qa_lightning.predict model_dir=... question=... context=...``,
-or ``input=questions.jsonl output=answers.jsonl`` (see ``conf/predict.yaml``)."""
+``input=questions.jsonl output=answers.jsonl``, or jsonl from standard input to standard output
+with ``input=-`` (see ``conf/predict.yaml``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from qa_lightning.cli import explain_out_of_memory, report_errors
 from qa_lightning.config import register_resolvers
 from qa_lightning.errors import ConfigError
 from qa_lightning.inference import (
+    STDIO,
     QuestionAnswerer,
     check_inputs,
     load_question_file,
@@ -84,14 +87,25 @@ def answering_memory(cfg: DictConfig) -> AbstractContextManager[None]:
     )
 
 
+def answers_output(cfg: DictConfig) -> str:
+    """Where the answers to ``input`` go: ``output``; if unset, standard output (``-``) for
+    ``input=-``, else ``<run dir>/answers.jsonl``."""
+    if cfg.get("output"):
+        return str(cfg.output)
+    if str(cfg.input) == STDIO:
+        return STDIO
+    return str(Path(cfg.paths.output_dir) / "answers.jsonl")
+
+
 def predict(cfg: DictConfig) -> Any:
-    """Answer one ``question``/``context`` (printed; returns the answers as dicts) or an
-    ``input`` jsonl file (written to ``output``; returns a summary)."""
+    """Answer one ``question``/``context`` (printed; returns the answers as dicts) or the jsonl
+    lines of ``input`` (a file, or ``-`` for standard input), written to :func:`answers_output`;
+    returns a summary."""
     single = cfg.get("question") is not None or cfg.get("context") is not None
     if single == bool(cfg.get("input")):
         raise ConfigError(
-            "give either question=... context=... (one question), or input=FILE.jsonl "
-            '(one {"question": ..., "context": ...} object a line).'
+            "give either question=... context=... (one question), or input=FILE.jsonl or "
+            'input=- for standard input (one {"question": ..., "context": ...} object a line).'
         )
     top_k = cfg.top_k
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0:
@@ -107,8 +121,8 @@ def predict(cfg: DictConfig) -> Any:
         for rank, answer in enumerate(answers, start=1):
             print(f"{rank}. {json.dumps(answer.as_dict(), ensure_ascii=False)}")
         return [answer.as_dict() for answer in answers]
+    output = answers_output(cfg)
     questions, problems = load_question_file(cfg.input)
-    output = cfg.get("output") or Path(cfg.paths.output_dir) / "answers.jsonl"
     answerer = load_answerer(cfg)
     with answering_memory(cfg):
         summary = write_answers(answerer, questions, problems, output, top_k, cfg.progress)
@@ -119,7 +133,12 @@ def predict(cfg: DictConfig) -> Any:
         if bad
         else ""
     )
-    print(f"answered {summary['answered']} question(s) into {summary['output']}{skipped}")
+    into = "standard output" if output == STDIO else summary["output"]
+    # with answers on standard output, the summary goes to standard error (as the logs do)
+    print(
+        f"answered {summary['answered']} question(s) into {into}{skipped}",
+        file=sys.stderr if output == STDIO else sys.stdout,
+    )
     return summary
 
 

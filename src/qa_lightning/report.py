@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(to_markdown(rows, title=args.sweep_dir.name), end="")
-    print(f"wrote {', '.join(str(args.sweep_dir / name) for name in SUMMARY_FILES)}")
+    written = [args.sweep_dir / name for name in SUMMARY_FILES]
+    print(f"wrote {', '.join(str(path) for path in written if path.is_file())}")
     return 0
 
 

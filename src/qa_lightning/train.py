@@ -235,11 +235,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     write(output_dir / "metrics.json", json.dumps(metrics, indent=2))
     log.info(
-        "best val/f1 %.2f (em %.2f) at epoch %d",
+        "best val/f1 %.2f (em %.2f) at epoch %d; run dir %s",
         model.best["f1"],
         model.best["em"],
         model.best["epoch"],
+        output_dir,
     )
+    if metrics.get("hf_model"):
+        log.info(
+            "answer questions with it: python -m qa_lightning.predict model_dir=%s input=- "
+            '(jsonl lines {"question": ..., "context": ...} on standard input)',
+            metrics["hf_model"],
+        )
     return metrics
 
 
