@@ -127,7 +127,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")  # data errors surface before the model is loaded
+    if trainer.local_rank == 0:  # tokenised once per machine; data errors before the model loads
+        datamodule.prepare_data("fit")
     model = instantiate(cfg.model)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -144,6 +145,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": round(wall_time, 1),
         "train_questions": datamodule.num_train_examples,
         "train_windows": len(datamodule.train_windows),
+        "train_tokens_per_window": model.train_tokens_per_window,
         "validation_questions": len(datamodule.val_examples),
         "skipped_records": {split: len(ids) for split, ids in datamodule.skipped.items()},
         "best_checkpoint": trainer.checkpoint_callback.best_model_path
