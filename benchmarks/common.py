@@ -66,10 +66,12 @@ def setup(args: argparse.Namespace) -> str:
 
 
 def forever(loader: Any) -> Iterator[Any]:
-    """Batches of a data loader, epoch after epoch (``set_epoch`` on samplers that have it)."""
+    """Batches of a data loader, epoch after epoch (``set_epoch`` on its sampler, or its batch
+    sampler's, as Lightning calls it)."""
     for epoch in itertools.count():
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
         yield from loader
 
 

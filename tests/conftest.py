@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from qa_lightning.checkpointing import LastCheckpoint
 from qa_lightning.config import minilm_path, register_resolvers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,3 +92,38 @@ def run_cli(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+
+
+class KeepingLastCheckpoint(LastCheckpoint):
+    """``last.ckpt`` as usual, and a copy of each as ``step-<global step>.ckpt`` beside it, to
+    resume from any of them (``callbacks.last_checkpoint._target_=tests.conftest.Keeping...``)."""
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if trainer.is_global_zero:
+            last = Path(self.last_model_path)
+            shutil.copy(last, last.with_name(f"step-{trainer.global_step}.ckpt"))
+
+
+class RecordBatches(L.Callback):
+    """Appends each training batch this rank receives to ``<run dir>/batches-rank<R>.jsonl``:
+    epoch, step, padded length and each window's unpadded input ids."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        lengths = batch["attention_mask"].sum(1).tolist()
+        rows = zip(batch["input_ids"].tolist(), lengths, strict=True)
+        record = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "padded": batch["input_ids"].shape[1],
+            "windows": [ids[:length] for ids, length in rows],
+        }
+        path = Path(trainer.default_root_dir) / f"batches-rank{trainer.global_rank}.jsonl"
+        with path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def read_batches(run_dir: Path, rank: int) -> list[dict]:
+    """The batches :class:`RecordBatches` recorded for ``rank``."""
+    lines = (run_dir / f"batches-rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]

@@ -55,6 +55,15 @@ def test_defaults_match_the_reference_recipe(compose_train) -> None:
     assert (cfg.model.n_best, cfg.model.max_answer_length) == (20, 30)  # wired to the module
     assert cfg.data.batch_size == 8
     assert cfg.model.name_or_path == "distilbert-base-uncased"
+    assert cfg.trainer.gradient_clip_val == 1.0  # Trainer's max_grad_norm
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_every_trainer_leaves_sharding_to_the_data_module(compose_train, option: str) -> None:
+    trainer = compose_train([f"trainer={option}"]).trainer
+    assert trainer.use_distributed_sampler is False
+    # Lightning cannot clip by norm under FSDP: off there, the recipe's 1.0 elsewhere
+    assert trainer.gradient_clip_val == (None if option == "fsdp" else 1.0)
 
 
 def test_cpu_trainer_is_fp32(compose_train) -> None:
@@ -80,6 +89,7 @@ def test_default_trainer_on_a_cpu_uses_bf16_only_where_native(
         ("data.train_samples=-5", "data.train_samples"),
         ("model.lr=0", "model.lr"),
         ("trainer.max_epochs=0", "trainer.max_epochs"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
         ("data.on_bad_record=ignore", "data.on_bad_record"),
     ],
 )

@@ -15,8 +15,8 @@ import torch
 from qa_lightning.checkpointing import AtomicCheckpointIO
 from qa_lightning.errors import ResourceError
 from qa_lightning.model import QAModule
-from qa_lightning.train import train
-from tests.conftest import TINY_OVERRIDES
+from qa_lightning.train import diverged_error, train
+from tests.conftest import TINY_OVERRIDES, read_batches
 from tests.test_errors import _short_errors, cli_error, in_process_error, run_cli  # noqa: F401
 
 #: 70 demo questions -> 78 windows -> 5 steps an epoch with batches of 16; last.ckpt every 2 steps
@@ -67,6 +67,36 @@ def test_cli_non_finite_loss_is_a_clear_error_and_writes_no_diverged_checkpoint(
     )
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_non_finite_loss_is_found_at_the_next_check_without_a_sync_every_step(
+    compose_train, capsys
+) -> None:
+    every_3_steps = [o for o in TINY_OVERRIDES if not o.startswith("trainer.log_every_n_steps")]
+    cfg = compose_train(
+        [
+            *every_3_steps,
+            "trainer.log_every_n_steps=3",
+            "+callbacks.poison._target_=tests.test_errors_training.PoisonWeights",
+            "+callbacks.poison.at_step=1",
+            "+callbacks.record._target_=tests.conftest.RecordBatches",
+        ]
+    )
+    in_process_error(capsys, lambda: train(cfg), "non-finite training loss (nan) at step 1")
+    run_dir = Path(cfg.paths.output_dir)
+    # the loss of steps 1 and 2 stayed on the device: found when it is logged, after step 2
+    assert [batch["step"] for batch in read_batches(run_dir, 0)] == [0, 1, 2]
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize(("clip", "suggested"), [("1.0", False), ("null", True)])
+def test_diverged_error_suggests_clipping_only_where_it_was_off(
+    compose_train, tmp_path, clip, suggested
+) -> None:
+    cfg = compose_train([*TINY_OVERRIDES, f"trainer.gradient_clip_val={clip}"])
+    message = str(diverged_error(FloatingPointError("nan"), cfg, tmp_path / "last.ckpt"))
+    assert f"trainer.gradient_clip_val={1.0 if clip == '1.0' else None}: lower model.lr" in message
+    assert ("clip gradients (trainer.gradient_clip_val=1.0, the default)" in message) is suggested
 
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint_which_resumes(

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from qa_lightning.checkpointing import AtomicCheckpointIO, ResumableDataLoader
 from qa_lightning.data.sampling import LengthGroupedSampler
-from tests.conftest import ROOT, TINY_OVERRIDES
+from qa_lightning.train import train
+from tests.conftest import ROOT, TINY_OVERRIDES, read_batches
 
 EPOCHS = 2  # the demo's 78 training windows in batches of 16: 5 steps per epoch
 INTERVAL = 3  # last.ckpt at steps 3, 6, 9 and at each epoch end (5, 10)
@@ -95,6 +97,58 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path: Path) -> Non
     events = list((resumed_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 2
     assert not list((resumed_dir / "tensorboard").glob("version_*"))
+
+
+def assert_same_run(expected_dir: Path, actual_dir: Path) -> None:
+    """Same final weights, scores, steps, padding and predictions."""
+    expected = json.loads((expected_dir / "metrics.json").read_text())
+    actual = json.loads((actual_dir / "metrics.json").read_text())
+    for key in ("final", "best", "epochs", "global_step", "train_tokens_per_window"):
+        assert actual[key] == expected[key], key
+    expected_weights = load(expected_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    actual_weights = load(actual_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    assert expected_weights.keys() == actual_weights.keys()
+    for name, tensor in expected_weights.items():
+        assert torch.equal(tensor, actual_weights[name]), name
+    predictions = [(d / "predictions.json").read_text() for d in (expected_dir, actual_dir)]
+    assert predictions[1] == predictions[0]
+
+
+#: last.ckpt at steps 2, 4, 6, 8 and at the epoch ends (5, 10), each kept as step-N.ckpt
+KEEP_EVERY_2_STEPS = [
+    *TINY_OVERRIDES,
+    f"trainer.max_epochs={EPOCHS}",
+    "trainer.deterministic=true",
+    "callbacks.last_checkpoint.every_n_train_steps=2",
+    "callbacks.last_checkpoint._target_=tests.conftest.KeepingLastCheckpoint",
+    "+callbacks.record._target_=tests.conftest.RecordBatches",
+]
+
+
+@pytest.mark.parametrize("group_by_length", [True, False], ids=["grouped", "random"])
+def test_resumed_at_an_epoch_end_or_mid_epoch_ends_as_the_uninterrupted_run(
+    compose_train, tmp_path: Path, group_by_length: bool
+) -> None:
+    overrides = [*KEEP_EVERY_2_STEPS, f"data.group_by_length={group_by_length}"]
+
+    def run(name: str, *extra: str) -> Path:
+        cfg = compose_train([*overrides, *extra])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / name)
+        train(cfg)
+        return tmp_path / name
+
+    straight = run("straight")
+    checkpoints = straight / "checkpoints"
+    assert load(checkpoints / "step-5.ckpt")["epoch"] == 0  # saved at the end of epoch 0
+    for step in (5, 8):  # an epoch end; the third batch of epoch 1
+        resumed = run(f"resumed-{step}", f"ckpt_path={checkpoints / f'step-{step}.ckpt'}")
+        assert_same_run(straight, resumed)
+        # the resumed run trained on the uninterrupted run's remaining batches
+        assert read_batches(resumed, 0) == read_batches(straight, 0)[step:]
+    if not group_by_length:  # random batches: a new order each epoch
+        batches = read_batches(straight, 0)
+        assert [b["windows"] for b in batches[:5]] != [b["windows"] for b in batches[5:]]
 
 
 def test_sigterm_saves_last_checkpoint_before_stopping(tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ class ExactResume(Callback):
     what it leaves out:
 
     - the global RNG states (dropout), saved with every checkpoint (NumPy's as a tensor, so that
-      the checkpoint loads with ``weights_only=True``), restored when training starts;
+      the checkpoint loads with ``weights_only=True``), restored when training starts; under DDP
+      each rank's (their dropout masks differ in size, so their states do);
     - the position in the epoch: the datamodule's train loader is a
       :class:`~qa_lightning.checkpointing.ResumableDataLoader`, whose state is saved here and
       loaded when Lightning restarts mid-epoch. Lightning 2.6 loads a stateful loader's state
@@ -39,11 +40,19 @@ class ExactResume(Callback):
         self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "rng_states": plain_rng_states(_collect_rng_states()),
+        rng_states = plain_rng_states(_collect_rng_states())
+        state = {
+            "rng_states": rng_states,
             "epoch": self._trainer.current_epoch if self._trainer else None,
             "train_loaders": [loader.state_dict() for loader in self._train_loaders()],
         }
+        world_size = self._trainer.world_size if self._trainer else 1
+        if world_size > 1 and torch.distributed.is_initialized():
+            # every rank saves a checkpoint's state (rank 0 writes it): a collective
+            per_rank: list[Any] = [None] * world_size
+            torch.distributed.all_gather_object(per_rank, rng_states)
+            state["rng_states_per_rank"] = per_rank
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict
@@ -53,7 +62,11 @@ class ExactResume(Callback):
         if self._loaded is None:
             return
         loaded, self._loaded = self._loaded, None
-        _set_rng_states(numpy_rng_states(loaded["rng_states"]))
+        per_rank = loaded.get("rng_states_per_rank")
+        if per_rank and len(per_rank) == trainer.world_size:
+            _set_rng_states(numpy_rng_states(per_rank[trainer.global_rank]))
+        else:
+            _set_rng_states(numpy_rng_states(loaded["rng_states"]))
         # the epoch of the checkpoint goes on (the fit loop has already moved past a finished
         # one): skip its batches already trained on
         if trainer.current_epoch == loaded.get("epoch"):

@@ -286,9 +286,10 @@ class ResumableDataLoader(DataLoader):
 
     Lightning stores :meth:`state_dict` (the batches yielded so far this epoch) in the
     checkpoint; after :meth:`load_state_dict`, the next epoch starts by skipping that many
-    batches. The order itself must be a function of the epoch (``LengthGroupedSampler`` is seeded
-    with ``seed + epoch``). The workers' base seed is drawn from the loader's own ``generator``,
-    so that starting an epoch does not draw from the global RNG (dropout).
+    batches. The order itself must be a function of the epoch (the samplers of
+    :mod:`qa_lightning.data.sampling` draw it from ``seed + epoch``); under DDP every rank has
+    yielded as many batches and skips as many. The workers' base seed is drawn from the loader's
+    own ``generator``, so that starting an epoch does not draw from the global RNG (dropout).
     """
 
     _batches_yielded = 0

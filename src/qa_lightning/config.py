@@ -119,6 +119,13 @@ def validate_train_config(cfg: DictConfig) -> None:
         accumulate,
         "must be > 0 (1: no accumulation).",
     )
+    clip = _number(trainer, "gradient_clip_val", "trainer", False, "1.0")
+    _check(
+        clip is None or clip >= 0,
+        "trainer.gradient_clip_val",
+        clip,
+        "must be >= 0 (1.0: the reference recipe's max gradient norm), or null for no clipping.",
+    )
 
 
 def validate_model_config(model: DictConfig) -> None:

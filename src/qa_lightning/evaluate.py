@@ -182,7 +182,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # trainer first: its config errors (precision, accelerator ...) surface before any work
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_model_summary=False)
     datamodule = instantiate(cfg.data)
-    datamodule.setup("validate")  # data errors surface before the model is loaded
+    if trainer.local_rank == 0:  # tokenised once per machine; data errors before the model loads
+        datamodule.prepare_data("validate")
     model = instantiate(cfg.model)
     start = time.perf_counter()
     with warnings.catch_warnings():

@@ -150,8 +150,8 @@ def diverged_error(error: FloatingPointError, cfg: DictConfig, last: Path) -> Tr
     )
     precision = str(cfg.trainer.get("precision"))
     fixes = ["lower model.lr"]
-    if not cfg.trainer.get("gradient_clip_val"):
-        fixes.append("clip gradients (trainer.gradient_clip_val=1.0)")
+    if not cfg.trainer.get("gradient_clip_val"):  # turned off: the default clips at norm 1.0
+        fixes.append("clip gradients (trainer.gradient_clip_val=1.0, the default)")
     if "16" in precision and "bf16" not in precision:
         fixes.append("train in trainer.precision=bf16-mixed (or 32-true)")
     return TrainingError(
@@ -196,8 +196,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")  # data errors surface before the model is loaded
+    if trainer.local_rank == 0:  # tokenised once per machine; data errors before the model loads
+        datamodule.prepare_data("fit")
     if cfg.get("distill"):  # the teacher's logits of every training window, once (cached)
+        datamodule.setup("fit")  # the other ranks: the windows rank 0 cached
         attach_teacher_logits(datamodule, cfg.distill, trainer.strategy.root_device)
     model = instantiate(cfg.model)
     with explain_disk_full(cfg):  # the first TensorBoard events
@@ -216,6 +218,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": round(wall_time, 1),
         "train_questions": datamodule.num_train_examples,
         "train_windows": len(datamodule.train_windows),
+        "train_tokens_per_window": model.train_tokens_per_window,
         "validation_questions": len(datamodule.val_examples),
         "skipped_records": {split: len(ids) for split, ids in datamodule.skipped.items()},
         "best_checkpoint": trainer.checkpoint_callback.best_model_path

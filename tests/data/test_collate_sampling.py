@@ -5,15 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from qa_lightning.data.collate import WindowCollator
 from qa_lightning.data.sampling import (
+    DistributedBatchSampler,
     LengthGroupedSampler,
+    SeededRandomSampler,
     SortedBatchSampler,
     length_grouped_order,
     sorted_batches,
 )
 from qa_lightning.data.windowing import NO_OFFSET
+from qa_lightning.errors import ConfigError
 
 PAD = 7
 
@@ -141,3 +145,85 @@ def test_sorted_batch_sampler_batches_its_samplers_share_only():
     assert list(SortedBatchSampler(share, 4, lengths=lengths)) == [[3, 9, 11, 1], [5, 7]]
     with pytest.raises(ValueError, match="drop_last"):
         SortedBatchSampler(share, 2, drop_last=True, lengths=lengths)
+
+
+# -- training batches under DDP -----------------------------------------------------------------
+
+
+def rank_batches(order, batch_size, num_replicas):
+    return [
+        list(DistributedBatchSampler(order, batch_size, num_replicas=num_replicas, rank=rank))
+        for rank in range(num_replicas)
+    ]
+
+
+def test_distributed_batch_sampler_by_hand():
+    order = [5, 0, 9, 3, 7, 1, 8, 2, 6, 4, 10]  # 11 windows in batches of 2 for 2 ranks
+    # rounds of 4 windows: global batches 0 and 2 to rank 0, 1 and 3 to rank 1; the last 3
+    # windows split 2 / 1, so that each is seen once
+    assert rank_batches(order, 2, 2) == [[[5, 0], [7, 1], [6, 4]], [[9, 3], [8, 2], [10]]]
+    assert rank_batches([4, 2, 0, 1, 3], 2, 3) == [[[4, 2]], [[0, 1]], [[3]]]
+    # fewer windows left than ranks: one repeated for each rank
+    assert rank_batches([6, 5, 4, 3, 2, 1, 0], 2, 3) == [
+        [[6, 5], [0]],
+        [[4, 3], [0]],
+        [[2, 1], [0]],
+    ]
+    assert [len(DistributedBatchSampler(order, 2, num_replicas=n)) for n in (1, 2, 3)] == [6, 3, 2]
+
+
+def test_one_rank_cuts_the_order_as_a_data_loader_does():
+    sampler = LengthGroupedSampler(LENGTHS[:94], batch_size=8, seed=3)  # 11 batches of 8 and 6
+    (mine,) = rank_batches(sampler, 8, 1)
+    assert mine == batches(length_grouped_order(LENGTHS[:94], 8, 3), 8)
+    assert len(DistributedBatchSampler(sampler, 8)) == 12
+
+
+@pytest.mark.parametrize("num_replicas", [2, 3, 4])
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_ranks_get_whole_length_grouped_batches_longest_first(num_replicas, epoch):
+    lengths = LENGTHS[:94]
+    sampler = LengthGroupedSampler(lengths, 4, seed=7, longest_first=num_replicas)
+    sampler.set_epoch(epoch)
+    ranks = rank_batches(sampler, 4, num_replicas)
+    assert len({len(mine) for mine in ranks}) == 1  # as many batches on every rank
+    assert sorted(i for mine in ranks for b in mine for i in b) == list(range(94))  # once each
+    # the global order, batch by batch, round by round
+    order = length_grouped_order(lengths, 4, 7 + epoch, longest_first=num_replicas)
+    dealt = [i for round_ in zip(*ranks, strict=True) for b in round_ for i in b]
+    assert dealt == order
+    for mine in ranks:
+        longest = [max(lengths[i] for i in b) for b in mine]
+        assert longest[0] == max(longest)  # each rank's longest batch first
+        for b in mine[:-1]:  # whole batches of the sorted mega-batches
+            assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    # the longest_first longest batches of the epoch lead, one per rank
+    firsts = [max(lengths[i] for i in mine[0]) for mine in ranks]
+    every = sorted((max(lengths[i] for i in b) for mine in ranks for b in mine), reverse=True)
+    assert firsts == every[:num_replicas]
+
+
+def test_random_batches_are_a_function_of_seed_and_epoch():
+    sampler = SeededRandomSampler(94, seed=5)
+    first = rank_batches(sampler, 4, 2)
+    assert rank_batches(sampler, 4, 2) == first  # replayed, e.g. by a resumed run
+    assert sorted(i for mine in first for b in mine for i in b) == list(range(94))
+    sampler.set_epoch(1)
+    assert rank_batches(sampler, 4, 2) != first
+    assert list(sampler) == np.random.default_rng(6).permutation(94).tolist()
+
+
+def test_longest_first_puts_the_longest_batches_first():
+    order = length_grouped_order(LENGTHS, 4, seed=1, mega_batch_factor=3, longest_first=3)
+    longest = [max(LENGTHS[i] for i in b) for b in batches(order, 4)]
+    assert longest[:3] == sorted(longest, reverse=True)[:3]
+    # with one, the order is unchanged: only the longest batch moves to the front
+    assert length_grouped_order(LENGTHS, 4, 1, 3, longest_first=1) == length_grouped_order(
+        LENGTHS, 4, 1, 3
+    )
+
+
+def test_lightnings_distributed_sampler_is_refused():
+    lightning_sampler = DistributedSampler(range(10), num_replicas=2, rank=0)
+    with pytest.raises(ConfigError, match="trainer.use_distributed_sampler=false"):
+        DistributedBatchSampler(lightning_sampler, 2, num_replicas=2, rank=0)

@@ -44,7 +44,10 @@ def test_cpu_batches_hold_one_length_each_and_every_window_once() -> None:
 def test_padded_batches_when_switched_off_or_on_a_gpu(setting: bool | None) -> None:
     data = datamodule(eval_equal_length=setting)
     if setting is None:  # what the automatic choice sees under a GPU trainer
-        data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda")))
+        data.trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=torch.device("cuda")),
+            distributed_sampler_kwargs=None,  # one device
+        )
     batches = list(data.val_dataloader())
     assert [len(b["input_ids"]) for b in batches[:-1]] == [16] * (len(batches) - 1)
     assert all(b["input_ids"].shape[1] % 8 == 0 for b in batches)

@@ -10,7 +10,8 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, SequentialSampler
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from qa_lightning.checkpointing import ResumableDataLoader
 from qa_lightning.data import cache
@@ -18,7 +19,12 @@ from qa_lightning.data.collate import WindowCollator
 from qa_lightning.data.loading import load_hub_split, load_local_file
 from qa_lightning.data.readers import Reader
 from qa_lightning.data.records import OnBadRecord, check_records
-from qa_lightning.data.sampling import LengthGroupedSampler, SortedBatchSampler
+from qa_lightning.data.sampling import (
+    DistributedBatchSampler,
+    LengthGroupedSampler,
+    SeededRandomSampler,
+    SortedBatchSampler,
+)
 from qa_lightning.data.windowing import make_eval_windows, make_train_windows, truncate_questions
 from qa_lightning.errors import ConfigError
 from qa_lightning.tokenizer import load_tokenizer
@@ -35,6 +41,12 @@ class SquadDataModule(L.LightningDataModule):
     ``Dataset.shuffle(seed=sample_seed)``, independent of the training seed. Validation batches
     hold windows sorted by length; with ``eval_equal_length`` (``None``: when running on a CPU)
     each holds windows of one length, so that nothing is padded.
+
+    Under data parallelism the module shards its loaders itself (the trainer runs with
+    ``use_distributed_sampler=False``): each rank gets whole training batches of one global,
+    length-grouped order, and its share of the validation windows. ``prepare_data`` tokenises
+    once per machine into the window cache (``cache_dir``), from which ``setup`` on every rank
+    loads them.
     """
 
     def __init__(
@@ -143,6 +155,7 @@ class SquadDataModule(L.LightningDataModule):
         )
 
         def build() -> datasets.Dataset:
+            log.info("tokenising %d %s questions", len(examples), "train" if train else "eval")
             return self._truncate_long_questions(examples).map(
                 make,
                 batched=True,
@@ -154,6 +167,25 @@ class SquadDataModule(L.LightningDataModule):
             )
 
         return cache.cached(hp.cache_dir, key, build)
+
+    def prepare_data(self, stage: str | None = None) -> None:
+        """Tokenises the windows that ``stage`` (default: the trainer's, else ``"fit"``) needs
+        into the cache, once per machine: Lightning calls this on each machine's first process
+        only, before ``setup`` on every process, which then loads the cached windows.
+
+        The windows also stay in this process's memory for its own ``setup``. Without a cache
+        (``cache_dir=None``) the other processes tokenise the data again in ``setup``.
+        """
+        if stage is None:
+            validating = self.trainer is not None and self.trainer.state.fn == TrainerFn.VALIDATING
+            stage = "validate" if validating else "fit"
+        if self.hparams.cache_dir is None and self._world()[0] > 1:
+            log.warning(
+                "data.cache_dir is null: each of the %d processes tokenises the data itself; set "
+                "paths.cache_dir=DIR to tokenise once per machine.",
+                self._world()[0],
+            )
+        self.setup(stage)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -186,20 +218,30 @@ class SquadDataModule(L.LightningDataModule):
             return self.hparams.eval_equal_length
         return self.trainer is None or self.trainer.strategy.root_device.type == "cpu"
 
+    def _world(self) -> tuple[int, int]:
+        """(number of data-parallel ranks, this process's rank), as Lightning would shard."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        return (kwargs["num_replicas"], kwargs["rank"]) if kwargs else (1, 0)
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         windows = self.train_windows.remove_columns(["example_index"])
-        sampler = (
-            LengthGroupedSampler(windows["length"], hp.batch_size, seed=hp.sampler_seed)
+        num_replicas, rank = self._world()
+        # one global order per (seed, epoch); each rank takes every num_replicas-th whole batch
+        order = (
+            LengthGroupedSampler(
+                windows["length"], hp.batch_size, seed=hp.sampler_seed, longest_first=num_replicas
+            )
             if hp.group_by_length
-            else None
+            else SeededRandomSampler(len(windows), seed=hp.sampler_seed)
+        )
+        batches = DistributedBatchSampler(
+            order, hp.batch_size, num_replicas=num_replicas, rank=rank
         )
         # resumable mid-epoch; its own generator keeps epoch starts off the global RNG (dropout)
         return ResumableDataLoader(
             windows.remove_columns(["length"]),
-            batch_size=hp.batch_size,
-            sampler=sampler,
-            shuffle=sampler is None,
+            batch_sampler=batches,
             generator=torch.Generator().manual_seed(hp.sampler_seed),
             collate_fn=self._collator(),
             num_workers=hp.num_workers,
@@ -210,8 +252,16 @@ class SquadDataModule(L.LightningDataModule):
         hp = self.hparams
         windows = self.val_windows
         equal_length = self._eval_equal_length()
+        num_replicas, rank = self._world()
+        # the rank's every num_replicas-th window (padded by repeats, harmless: the best span of
+        # each question wins), as Lightning's DistributedSampler would give it
+        share = (
+            DistributedSampler(windows, num_replicas, rank, shuffle=False)
+            if num_replicas > 1
+            else SequentialSampler(windows)
+        )
         batches = SortedBatchSampler(
-            SequentialSampler(windows),
+            share,
             hp.eval_batch_size,
             lengths=windows["length"][:],
             equal_length=equal_length,

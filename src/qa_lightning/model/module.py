@@ -76,6 +76,12 @@ class QAModule(L.LightningModule):
 
     Validation windows are reduced to their best span in ``validation_step``; at the end of the
     epoch the spans of all windows (gathered over ranks) are reduced to one answer per question.
+
+    A non-finite training loss is recorded on the device, without waiting for it, and raised as
+    a ``FloatingPointError`` naming its step at the next check: every
+    ``trainer.log_every_n_steps`` batches (when the logged loss is read anyway), before every
+    checkpoint is written (so that none holds diverged weights), before validation and at the
+    end of training.
     """
 
     def __init__(
@@ -117,18 +123,22 @@ class QAModule(L.LightningModule):
         self.last_scores: dict[str, float] = {}
         self._val_spans: list[torch.Tensor] = []
         self._model_files: dict[str, Any] | None = None
+        #: mean padded tokens per training window over the run, all ranks (set when fit ends)
+        self.train_tokens_per_window: float | None = None
+        # this process's padded tokens and windows trained on (rank 0's include the ranks'
+        # totals up to the checkpoint it resumed from)
+        self._train_tokens = 0
+        self._train_windows = 0
+        # step and loss of the first non-finite training loss, on the device (-1: none)
+        self._non_finite_step: torch.Tensor | None = None
+        self._non_finite_loss: torch.Tensor | None = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}. Likely "
-                "causes: fp16 overflow (use trainer.precision=bf16-mixed or 32), a learning rate "
-                "too high (model.lr), or corrupted inputs."
-            )
+        self._record_non_finite(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
@@ -144,6 +154,62 @@ class QAModule(L.LightningModule):
         self.log("train/loss_label", outputs.loss, on_step=True, on_epoch=True)
         return mixed_loss(outputs.loss, distill_loss, self.hparams.distill["alpha"])
 
+    # -- non-finite loss, padding --------------------------------------------------------------
+
+    def _record_non_finite(self, loss: torch.Tensor) -> None:
+        """Keeps the step and value of the first non-finite loss, on the loss's device: no sync."""
+        loss = loss.detach().float()
+        if self._non_finite_step is None:
+            self._non_finite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._non_finite_loss = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self._non_finite_step < 0)
+        self._non_finite_step = torch.where(first, self.global_step, self._non_finite_step)
+        self._non_finite_loss = torch.where(first, loss, self._non_finite_loss)
+
+    def _raise_if_non_finite(self) -> None:
+        """Raises ``FloatingPointError`` if a rank saw a non-finite loss (a host sync; a collective
+        under DDP: every rank calls it at the same point)."""
+        if self._non_finite_step is None:
+            return
+        steps = self.all_gather(self._non_finite_step).reshape(-1).tolist()
+        losses = self.all_gather(self._non_finite_loss).reshape(-1).tolist()
+        found = [(step, loss) for step, loss in zip(steps, losses, strict=True) if step >= 0]
+        if not found:
+            return
+        step, loss = min(found)
+        raise FloatingPointError(
+            f"non-finite training loss ({loss}) at step {step}. Likely causes: fp16 overflow "
+            "(use trainer.precision=bf16-mixed or 32), a learning rate too high (model.lr), or "
+            "corrupted inputs."
+        )
+
+    def _padding_totals(self) -> tuple[int, int]:
+        """Padded tokens and windows trained on so far, summed over the ranks (a collective)."""
+        counts = torch.tensor([self._train_tokens, self._train_windows], device=self.device)
+        tokens, windows = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        return int(tokens), int(windows)
+
+    def on_train_start(self) -> None:
+        self._non_finite_step = self._non_finite_loss = None
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # counted before a checkpoint at this batch's end holds the totals
+        windows, tokens = batch["input_ids"].shape  # known on the host: no sync
+        self._train_windows += windows
+        self._train_tokens += windows * tokens
+
+    def on_train_batch_end(
+        self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int
+    ) -> None:
+        # checkpoints saved at this batch (callbacks' hooks run first) were checked on saving
+        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
+            self._raise_if_non_finite()
+
+    def on_train_end(self) -> None:
+        self._raise_if_non_finite()
+        tokens, windows = self._padding_totals()
+        self.train_tokens_per_window = round(tokens / windows, 2) if windows else None
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         outputs = self(batch)
         spans = best_window_spans(
@@ -156,6 +222,8 @@ class QAModule(L.LightningModule):
         self._val_spans.append(window_rows(batch["example_index"], spans))
 
     def on_validation_epoch_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self._raise_if_non_finite()  # no time spent scoring diverged weights
         self._val_spans.clear()
 
     def on_validation_epoch_end(self) -> None:
@@ -270,9 +338,11 @@ class QAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Besides the best scores: the last validation's scores and predictions (a run resumed
         from its end writes the same metrics.json; its ``best_f1_thresh`` is what
-        ``null_score_diff_threshold=best`` exports) and the model's config and tokenizer files,
-        so that the checkpoint rebuilds its model without ``name_or_path``. Only tensors and
-        plain values, so that the checkpoint loads with ``weights_only=True``."""
+        ``null_score_diff_threshold=best`` exports), the model's config and tokenizer files (so
+        that the checkpoint rebuilds its model without ``name_or_path``) and the padding counts.
+        Only tensors and plain values, so that the checkpoint loads with ``weights_only=True``."""
+        # called on every rank before any is written: diverged weights are never saved
+        self._raise_if_non_finite()
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):
             if key in checkpoint:
                 checkpoint[key] = plain(checkpoint[key])
@@ -288,6 +358,9 @@ class QAModule(L.LightningModule):
                 self.model.config, getattr(datamodule, "tokenizer", None)
             )
         checkpoint[MODEL_FILES_KEY] = self._model_files
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            tokens, windows = self._padding_totals()
+            checkpoint["qa_train_padding"] = {"tokens": tokens, "windows": windows}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("qa_best")
@@ -296,6 +369,9 @@ class QAModule(L.LightningModule):
         last = checkpoint.get("qa_last")
         if last:
             self.last_scores, self.last_predictions = last["scores"], last["predictions"]
+        padding = checkpoint.get("qa_train_padding")
+        if padding and self.global_rank == 0:  # the ranks' totals, counted once
+            self._train_tokens, self._train_windows = padding["tokens"], padding["windows"]
 
 
 def _plain(overrides: Any) -> dict[str, Any] | None:
