@@ -3,11 +3,13 @@
     python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt format=hf
     python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt format=onnx
     python -m qa_lightning.export model_dir=RUN/hf_model format=onnx
+    python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt format=onnx quantize=int8
 
 A Hugging Face directory holds ``model.safetensors``, ``config.json``, the tokenizer and
 ``qa_lightning.json`` (the windowing and decoding the model was trained with, which
 ``qa_lightning.predict`` uses). An ONNX directory holds ``model.onnx`` (checked against PyTorch
-with onnxruntime) with the same files but the weights.
+with onnxruntime) with the same files but the weights; with ``quantize=int8`` its ``model.onnx`` is
+quantised to int8 (see :mod:`qa_lightning.quantize`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from qa_lightning.config import register_resolvers
 from qa_lightning.data.collate import MODEL_INPUTS
 from qa_lightning.errors import ConfigError, ExportError
 from qa_lightning.inference import OUTPUT_NAMES, InferenceSettings
+from qa_lightning.quantize import check_quantize_config, quantize_export
 from qa_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -277,7 +280,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("format=hf exports a checkpoint: give ckpt_path=PATH, not model_dir.")
     if cfg.format == "onnx":
         _check_onnx_config(cfg)
-    out_dir = Path(cfg.get("out_dir") or Path(cfg.paths.output_dir) / f"{cfg.format}_model")
+    recipe = check_quantize_config(cfg)
+    default_name = f"{cfg.format}_{cfg.quantize}_model" if recipe else f"{cfg.format}_model"
+    out_dir = Path(cfg.get("out_dir") or Path(cfg.paths.output_dir) / default_name)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir='{out_dir}' is a file; give a directory to write into.")
     if cfg.get("ckpt_path"):
@@ -304,7 +309,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             f"the ONNX model's logits differ from PyTorch's by up to {diff:.2e}, more than "
             f"atol={cfg.atol}; try another opset, or raise atol if the difference is acceptable."
         )
-    return {"format": "onnx", "path": str(onnx_path), "max_abs_diff": diff}
+    written = {"format": "onnx", "path": str(onnx_path), "max_abs_diff": diff}
+    if recipe is None:
+        return written
+    try:
+        return {**written, **quantize_export(exported, onnx_path, recipe, cfg)}
+    except OSError as error:
+        raise ExportError(
+            f"cannot write the int8 export to out_dir='{out_dir}' ({error.strerror or error}); "
+            "free disk space or give a writable out_dir=DIR."
+        ) from error
 
 
 def _check_onnx_config(cfg: DictConfig) -> None:

@@ -27,7 +27,7 @@ from qa_lightning.data.collate import MODEL_INPUTS, WindowCollator
 from qa_lightning.data.sampling import sorted_batches
 from qa_lightning.data.windowing import make_eval_windows, truncate_questions
 from qa_lightning.errors import ConfigError, InputError
-from qa_lightning.hardware import cpu_bf16_warning
+from qa_lightning.hardware import cpu_bf16_warning, cpu_int8_warning
 from qa_lightning.postprocess import best_window_spans
 from qa_lightning.tokenizer import load_tokenizer
 
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 #: File in an exported model directory holding the windowing and decoding it was trained with.
 SETTINGS_FILE = "qa_lightning.json"
 OUTPUT_NAMES = ("start_logits", "end_logits")
+#: Metadata key of a quantised ONNX model: its recipe as JSON (see :mod:`qa_lightning.quantize`).
+QUANTIZATION_METADATA_KEY = "qa_lightning.quantization"
 #: Questions windowed together, in ``batch_size`` units: their windows are batched sorted by
 #: length (as evaluation does), so that short windows are not padded to long ones.
 CHUNK_BATCHES = 16
@@ -162,6 +164,12 @@ class OnnxLogits:
                 "python -m qa_lightning.export ckpt_path=... format=onnx."
             ) from error
         self.input_names = [i.name for i in self.session.get_inputs()]
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        quantization = metadata.get(QUANTIZATION_METADATA_KEY)
+        #: the recipe of a quantised export (``None``: fp32)
+        self.quantization = json.loads(quantization) if quantization else None
+        if self.quantization and (warning := cpu_int8_warning(f"onnx_path='{onnx_path}' (int8)")):
+            log.warning(warning)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [name for name in self.input_names if name not in batch]

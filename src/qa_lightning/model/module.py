@@ -84,7 +84,7 @@ class QAModule(L.LightningModule):
         super().__init__()
         config_overrides = _plain(config_overrides)  # saved as a plain dict in checkpoints
         self.save_hyperparameters()
-        self.model = load_qa_model(name_or_path, from_scratch, config_overrides)
+        self.model = self.load_model(name_or_path, from_scratch, config_overrides)
         # from_pretrained returns eval mode and Lightning keeps submodule modes: train with dropout
         self.model.train()
         if compile:
@@ -94,6 +94,12 @@ class QAModule(L.LightningModule):
         self.last_predictions: dict[str, str] = {}
         self.last_scores: dict[str, float] = {}
         self._val_spans: list[torch.Tensor] = []
+
+    def load_model(
+        self, name_or_path: str, from_scratch: bool, config_overrides: dict[str, Any] | None
+    ) -> torch.nn.Module:
+        """The QA model this module runs (a subclass may run another kind, e.g. ONNX)."""
+        return load_qa_model(name_or_path, from_scratch, config_overrides)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
