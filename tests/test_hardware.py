@@ -1,11 +1,17 @@
-"""CPU bf16 detection from hand-written /proc/cpuinfo text."""
+"""CPU bf16 and int8 dot-product detection from hand-written /proc/cpuinfo text."""
 
 from __future__ import annotations
 
 import pytest
 
 from qa_lightning import hardware
-from qa_lightning.hardware import cpu_bf16_warning, cpu_supports_bf16, cpuinfo_flags
+from qa_lightning.hardware import (
+    cpu_bf16_warning,
+    cpu_int8_warning,
+    cpu_supports_bf16,
+    cpu_supports_int8_dot,
+    cpuinfo_flags,
+)
 
 AVX2_ONLY = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -64,3 +70,46 @@ def test_warning_only_for_bf16_on_a_cpu_without_it(monkeypatch, tmp_path):
     assert cpu_bf16_warning("gpu", "bf16-mixed") is None
     cpuinfo.write_text(SAPPHIRE_RAPIDS)
     assert cpu_bf16_warning("cpu", "bf16-mixed") is None
+
+
+ZEN4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+ALDER_LAKE = "processor\t: 0\nflags\t\t: fpu avx2 avx_vnni\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        (AVX2_ONLY, False),
+        (ZEN4, True),  # avx512_vnni
+        (ALDER_LAKE, True),  # avx_vnni
+        (SAPPHIRE_RAPIDS, True),  # amx_int8
+        (AMX_ONLY, False),  # amx_bf16 without amx_int8
+        (GRAVITON3, True),  # i8mm
+        (GRAVITON2, False),
+        (MIXED, False),  # only flags every processor has count
+        ("", False),
+    ],
+)
+def test_cpu_supports_int8_dot_from_cpuinfo(cpuinfo, expected):
+    assert cpu_supports_int8_dot(cpuinfo) is expected
+
+
+def test_int8_warning_only_on_a_cpu_without_int8_dot_products(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(hardware, "CPUINFO", cpuinfo)
+    cpuinfo.write_text(AVX2_ONLY)
+    message = cpu_int8_warning("model.onnx")
+    assert message is not None and message.startswith("model.onnx runs on a CPU without int8")
+    assert "quantization.reduce_range=true" in message and "int8_throughput.py" in message
+    for fast in (ZEN4, ALDER_LAKE, SAPPHIRE_RAPIDS, GRAVITON3):
+        cpuinfo.write_text(fast)
+        assert cpu_int8_warning() is None
+
+
+def test_unreadable_cpuinfo_asks_torch_for_vnni(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "CPUINFO", tmp_path / "missing")
+    monkeypatch.setattr(hardware.torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
+    monkeypatch.setattr(hardware.torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert cpu_supports_int8_dot() is False
+    monkeypatch.setattr(hardware.torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
+    assert cpu_supports_int8_dot() is True

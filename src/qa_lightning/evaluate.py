@@ -97,11 +97,14 @@ def configure_model_source(cfg: DictConfig) -> dict[str, str]:
     earlier version its base model) or at ``model_dir``, and the windowing and decoding at the
     model's saved settings except those given on the command line; returns the source."""
     ckpt_path, model_dir = cfg.get("ckpt_path"), cfg.get("model_dir")
+    if cfg.get("onnx_path"):
+        return configure_onnx_source(cfg)
     if bool(ckpt_path) == bool(model_dir):
         raise ConfigError(
             "give exactly one of ckpt_path=PATH (a training checkpoint, e.g. "
-            "outputs/train/RUN/checkpoints/best-....ckpt) or model_dir=PATH (a Hugging Face "
-            "model directory, e.g. outputs/train/RUN/hf_model)."
+            "outputs/train/RUN/checkpoints/best-....ckpt), model_dir=PATH (a Hugging Face "
+            "model directory, e.g. outputs/train/RUN/hf_model) or onnx_path=PATH (an ONNX "
+            "export, e.g. outputs/export/RUN/onnx_int8_model/model.onnx)."
         )
     with open_dict(cfg):
         cfg.model.keep_layers = None  # the checkpoint's (or directory's) config has its layers
@@ -133,6 +136,43 @@ def configure_model_source(cfg: DictConfig) -> dict[str, str]:
             saved = {name: value for name, value in settings.items() if name in written}
             use_saved_settings(cfg, saved, "model directory", command_line_keys())
         return {"source": str(model_dir), "source_type": "model_dir"}
+
+
+def configure_onnx_source(cfg: DictConfig) -> dict[str, str]:
+    """Point ``cfg.model`` at an ONNX export (``onnx_path``, its tokenizer beside it) run by
+    onnxruntime in ``OnnxQAModule``, on the CPU in its own precision; returns the source."""
+    if cfg.get("ckpt_path") or cfg.get("model_dir"):
+        raise ConfigError(
+            "give exactly one of ckpt_path=PATH, model_dir=PATH or onnx_path=PATH (an ONNX "
+            "export, scored with onnxruntime)."
+        )
+    onnx_path = Path(cfg.onnx_path)
+    if onnx_path.is_dir():
+        onnx_path = onnx_path / "model.onnx"
+    if not onnx_path.is_file():
+        raise ConfigError(
+            f"onnx_path='{onnx_path}' does not exist (resolved to '{onnx_path.resolve()}'); "
+            "export one with python -m qa_lightning.export ckpt_path=... format=onnx."
+        )
+    if not (onnx_path.parent / "tokenizer_config.json").is_file():
+        raise ConfigError(
+            f"onnx_path='{onnx_path}' has no tokenizer beside it; evaluate the directory that "
+            "python -m qa_lightning.export wrote (model.onnx with its tokenizer and settings)."
+        )
+    with open_dict(cfg):
+        cfg.model._target_ = "qa_lightning.model.onnx_model.OnnxQAModule"
+        cfg.model.onnx_path = str(onnx_path)
+        cfg.model.name_or_path = str(onnx_path.parent)  # the tokenizer, for the data module
+        cfg.model.config_overrides = None
+        cfg.model.from_scratch = False
+        cfg.model.compile = False
+        if (cfg.trainer.get("accelerator"), cfg.trainer.get("precision")) != ("cpu", "32-true"):
+            log.info(
+                "onnxruntime runs the ONNX model on the CPU in its own precision: "
+                "trainer.accelerator=cpu and trainer.precision=32-true"
+            )
+        cfg.trainer.accelerator, cfg.trainer.precision = "cpu", "32-true"
+    return {"source": str(onnx_path), "source_type": "onnx"}
 
 
 def validate_eval_config(cfg: DictConfig) -> None:

@@ -3,12 +3,14 @@
     python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt format=hf
     python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt format=onnx
     python -m qa_lightning.export model_dir=RUN/hf_model format=onnx
+    python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt format=onnx quantize=int8
 
 A Hugging Face directory holds ``model.safetensors``, ``config.json``, the tokenizer and
 ``qa_lightning.json`` (the windowing and decoding the model was trained with, which
 ``qa_lightning.predict`` uses, and the size and SHA-256 digest of every other file, checked when
 the directory is loaded). An ONNX directory holds ``model.onnx`` (checked against PyTorch
-with onnxruntime) with the same files but the weights. A directory is written whole or not at all
+with onnxruntime) with the same files but the weights; with ``quantize=int8`` its ``model.onnx`` is
+quantised to int8 (see :mod:`qa_lightning.quantize`). A directory is written whole or not at all
 (:func:`~qa_lightning.integrity.staged_directory`).
 """
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from qa_lightning.inference import OUTPUT_NAMES, SETTINGS_FILE, InferenceSetting
 from qa_lightning.integrity import file_manifest, staged_directory
 from qa_lightning.model_files import CHECKPOINT_KEY as MODEL_FILES_KEY
 from qa_lightning.model_files import has_config, has_tokenizer, write_model_files
+from qa_lightning.quantize import check_quantize_config, quantize_export
 from qa_lightning.tokenizer import check_tokenizer_fits, load_tokenizer, model_vocab_size
 
 log = logging.getLogger(__name__)
@@ -245,9 +250,13 @@ def _save_support_files(exported: Exported, directory: Path) -> None:
     exported.tokenizer.save_pretrained(directory)
 
 
-def _save_settings(exported: Exported, directory: Path) -> None:
-    """The settings with the manifest of the directory's files: written last."""
-    exported.settings.save(directory, files=file_manifest(directory, exclude=(SETTINGS_FILE,)))
+def _save_settings(
+    exported: Exported, directory: Path, extra: dict[str, Any] | None = None
+) -> None:
+    """The settings (with ``extra`` entries) and the manifest of the directory's files: written
+    last."""
+    files = file_manifest(directory, exclude=(SETTINGS_FILE,))
+    exported.settings.save(directory, files=files, extra=extra)
 
 
 def save_hf(exported: Exported, out_dir: str | Path) -> Path:
@@ -338,12 +347,18 @@ def export_onnx(exported: Exported, out_dir: str | Path, opset: int = 17) -> Pat
 
 
 def export_checked_onnx(
-    exported: Exported, out_dir: str | Path, opset: int = 17, atol: float | None = None
-) -> tuple[Path, float | None]:
+    exported: Exported,
+    out_dir: str | Path,
+    opset: int = 17,
+    atol: float | None = None,
+    finish: Callable[[Path], dict[str, Any]] | None = None,
+) -> tuple[Path, float | None, dict[str, Any]]:
     """:func:`export_onnx`; with ``atol``, the ONNX model's logits are compared with PyTorch's
     (:func:`onnx_max_abs_diff`) before the directory is put in place, and a difference above
-    ``atol`` is an :class:`ExportError` that leaves nothing written. Returns the ONNX file and
-    the difference (``None`` without ``atol``)."""
+    ``atol`` is an :class:`ExportError` that leaves nothing written. ``finish`` (e.g. int8
+    quantisation) then rewrites the checked ``model.onnx``; the entries it returns are saved with
+    the settings. Returns the ONNX file, the difference (``None`` without ``atol``) and those
+    entries."""
     out_dir = check_out_dir(out_dir)
     with staged_directory(out_dir) as staging:
         _save_support_files(exported, staging)
@@ -355,9 +370,10 @@ def export_checked_onnx(
                 f"atol={atol}; nothing was written. Try another opset, or raise atol if the "
                 "difference is acceptable."
             )
-        _save_settings(exported, staging)
+        extra = finish(staging / "model.onnx") if finish else {}
+        _save_settings(exported, staging, extra)
     log.info("exported ONNX model to %s", out_dir / "model.onnx")
-    return out_dir / "model.onnx", diff
+    return out_dir / "model.onnx", diff, extra
 
 
 def _write_onnx(exported: Exported, onnx_path: Path, opset: int) -> None:
@@ -422,9 +438,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("format=hf exports a checkpoint: give ckpt_path=PATH, not model_dir.")
     if cfg.format == "onnx":
         _check_onnx_config(cfg)
-    out_dir = check_out_dir(
-        cfg.get("out_dir") or Path(cfg.paths.output_dir) / f"{cfg.format}_model"
-    )
+    recipe = check_quantize_config(cfg)
+    default_name = f"{cfg.format}_{cfg.quantize}_model" if recipe else f"{cfg.format}_model"
+    out_dir = check_out_dir(cfg.get("out_dir") or Path(cfg.paths.output_dir) / default_name)
     if cfg.get("ckpt_path"):
         exported = load_checkpoint(cfg.ckpt_path, trust_setting(cfg))
     else:
@@ -434,7 +450,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             path = save_hf(exported, out_dir)
             print(f"wrote Hugging Face model directory {path}")
             return {"format": "hf", "path": str(path)}
-        onnx_path, diff = export_checked_onnx(exported, out_dir, cfg.opset, cfg.atol)
+        finish = partial(quantize_export, exported, recipe=recipe, cfg=cfg) if recipe else None
+        onnx_path, diff, extra = export_checked_onnx(exported, out_dir, cfg.opset, cfg.atol, finish)
     except OSError as error:
         raise ExportError(
             f"cannot write the export to out_dir='{out_dir}' ({error.strerror or error}); free "
@@ -443,7 +460,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     print(
         f"wrote {onnx_path}; max abs diff of start/end logits, onnxruntime vs PyTorch: {diff:.2e}"
     )
-    return {"format": "onnx", "path": str(onnx_path), "max_abs_diff": diff}
+    return {"format": "onnx", "path": str(onnx_path), "max_abs_diff": diff, **extra}
 
 
 def _check_onnx_config(cfg: DictConfig) -> None:

@@ -1,4 +1,4 @@
-"""What the machine does fast: native bf16 arithmetic on the CPU."""
+"""What the machine does fast: native bf16 arithmetic and int8 dot products on the CPU."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import torch
 #: ``/proc/cpuinfo`` flags of native bf16 arithmetic: x86 AVX512-BF16 and AMX-BF16 (Intel Xeon
 #: Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later) and the aarch64 BF16 extension.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+#: ``/proc/cpuinfo`` flags of int8 dot-product instructions, which onnxruntime's int8 matrix
+#: products use: x86 AVX512-VNNI, AVX-VNNI and AMX-INT8 (Intel Cascade Lake / Alder Lake /
+#: Sapphire Rapids and later; AMD Zen 4 and later) and the aarch64 dot-product and int8-matmul
+#: extensions.
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -64,4 +69,36 @@ def cpu_bf16_warning(
         f"(measure it with python benchmarks/bf16_cpu.py). Use {fp32} on this machine; bf16 "
         "pays off on CPUs with AVX512-BF16 or AMX (Intel Xeon Cooper Lake / Sapphire Rapids or "
         "later, AMD Zen 4 or later)."
+    )
+
+
+def cpu_supports_int8_dot(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has int8 dot-product instructions (VNNI, AMX-INT8, aarch64 dot product).
+
+    Without them (e.g. AVX2 or AVX512 CPUs before Cascade Lake / Zen 4) onnxruntime multiplies
+    int8 matrices with 16-bit multiply-adds, which can be no faster than fp32 and can saturate.
+    Reads ``/proc/cpuinfo`` (or the ``cpuinfo`` text given); where it cannot be read asks
+    PyTorch's CPU detection for AVX512-VNNI or AMX.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = CPUINFO.read_text()
+        except OSError:
+            checks = ("_is_vnni_supported", "_is_amx_tile_supported")
+            return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return bool(cpuinfo_flags(cpuinfo) & INT8_DOT_FLAGS)
+
+
+def cpu_int8_warning(what: str = "the int8 ONNX model") -> str | None:
+    """The warning for int8 inference on a CPU without int8 dot products, else ``None``."""
+    if cpu_supports_int8_dot():
+        return None
+    return (
+        f"{what} runs on a CPU without int8 dot-product instructions (no avx512_vnni, avx_vnni "
+        "or amx_int8 flag in /proc/cpuinfo): onnxruntime then multiplies int8 matrices with "
+        "16-bit multiply-adds, which may be no faster than the fp32 ONNX export, or slower, and "
+        "can saturate (an export with quantization.reduce_range=true avoids that). Measure it "
+        "with python benchmarks/int8_throughput.py on this machine, or serve the fp32 export "
+        "(format=onnx without quantize); int8 pays off on CPUs with VNNI or AMX (Intel Cascade "
+        "Lake / Sapphire Rapids or later, AMD Zen 4 or later)."
     )

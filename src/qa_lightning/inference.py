@@ -28,7 +28,7 @@ from qa_lightning.data.collate import MODEL_INPUTS, WindowCollator
 from qa_lightning.data.sampling import sorted_batches
 from qa_lightning.data.windowing import make_eval_windows, truncate_questions
 from qa_lightning.errors import ConfigError, InputError
-from qa_lightning.hardware import cpu_bf16_warning
+from qa_lightning.hardware import cpu_bf16_warning, cpu_int8_warning
 from qa_lightning.integrity import manifest_problems, write_atomic
 from qa_lightning.postprocess import best_window_spans, example_null_scores
 from qa_lightning.tokenizer import check_tokenizer_fits, load_tokenizer, model_vocab_size
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 #: and (under ``"files"``) the size and SHA-256 digest of every other file the export wrote.
 SETTINGS_FILE = "qa_lightning.json"
 OUTPUT_NAMES = ("start_logits", "end_logits")
+#: Metadata key of a quantised ONNX model: its recipe as JSON (see :mod:`qa_lightning.quantize`).
+QUANTIZATION_METADATA_KEY = "qa_lightning.quantization"
 #: Questions windowed together, in ``batch_size`` units: their windows are batched sorted by
 #: length (as evaluation does), so that short windows are not padded to long ones.
 CHUNK_BATCHES = 16
@@ -120,9 +122,15 @@ class InferenceSettings:
         """A copy with the overrides that are not ``None``."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
-    def save(self, directory: str | Path, files: dict[str, dict] | None = None) -> Path:
-        """Write the settings, with the manifest ``files`` of the directory's other files."""
-        saved: dict[str, Any] = asdict(self)
+    def save(
+        self,
+        directory: str | Path,
+        files: dict[str, dict] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the settings, with ``extra`` entries (e.g. ``quantization``) and the manifest
+        ``files`` of the directory's other files."""
+        saved: dict[str, Any] = {**asdict(self), **(extra or {})}
         if files is not None:
             saved["files"] = files
         return write_atomic(Path(directory) / SETTINGS_FILE, json.dumps(saved, indent=2) + "\n")
@@ -215,6 +223,12 @@ class OnnxLogits:
                 "python -m qa_lightning.export ckpt_path=... format=onnx."
             ) from error
         self.input_names = [i.name for i in self.session.get_inputs()]
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        quantization = metadata.get(QUANTIZATION_METADATA_KEY)
+        #: the recipe of a quantised export (``None``: fp32)
+        self.quantization = json.loads(quantization) if quantization else None
+        if self.quantization and (warning := cpu_int8_warning(f"onnx_path='{onnx_path}' (int8)")):
+            log.warning(warning)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [name for name in self.input_names if name not in batch]

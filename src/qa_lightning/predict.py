@@ -55,7 +55,8 @@ def load_answerer(cfg: DictConfig) -> QuestionAnswerer:
         if cfg.precision not in ("auto", "32-true"):
             raise ConfigError(
                 f"invalid config: precision={cfg.precision!r} with backend=onnx, which runs the "
-                "exported fp32 model; precision applies to backend=torch."
+                "exported model in its own precision (fp32, or int8 for quantize=int8 exports); "
+                "precision applies to backend=torch."
             )
         if not cfg.get("onnx_path"):
             raise ConfigError(

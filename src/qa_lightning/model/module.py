@@ -112,7 +112,7 @@ class QAModule(L.LightningModule):
         # run dir's config_resolved.yaml records them
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
-        self.model = load_qa_model(name_or_path, from_scratch, config_overrides, keep_layers)
+        self.model = self.load_model(name_or_path, from_scratch, config_overrides, keep_layers)
         # from_pretrained returns eval mode and Lightning keeps submodule modes: train with dropout
         self.model.train()
         if compile:
@@ -132,6 +132,16 @@ class QAModule(L.LightningModule):
         # step and loss of the first non-finite training loss, on the device (-1: none)
         self._non_finite_step: torch.Tensor | None = None
         self._non_finite_loss: torch.Tensor | None = None
+
+    def load_model(
+        self,
+        name_or_path: str,
+        from_scratch: bool,
+        config_overrides: dict[str, Any] | None,
+        keep_layers: list[int] | None = None,
+    ) -> torch.nn.Module:
+        """The QA model this module runs (a subclass may run another kind, e.g. ONNX)."""
+        return load_qa_model(name_or_path, from_scratch, config_overrides, keep_layers)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})

@@ -1,0 +1,175 @@
+"""CPU throughput of the int8 ONNX export against fp32 PyTorch, bf16-mixed PyTorch and fp32 ONNX.
+
+A fine-tuned Hugging Face directory is exported to fp32 ONNX and quantised to int8 with the default
+recipe (``qa_lightning.quantize``; or ``--int8 DIR [DIR ...]``, exports to time instead, e.g. of
+several recipes). The same validation questions are then answered by each model, taking turns,
+best of ``--repeats``:
+
+- evaluation: ``trainer.validate`` of ``QAModule`` (PyTorch) or ``OnnxQAModule`` (onnxruntime)
+  on the data module's windows, post-processing and EM/F1 included (``qa_lightning.evaluate``);
+- predict: ``QuestionAnswerer.answer`` over all questions (``qa_lightning.predict`` without its
+  start-up), with the answers compared with fp32 PyTorch's.
+
+bf16-mixed runs only on CPUs with native bf16. Ratios are against fp32 PyTorch in the same run.
+Tokenisation of the data module is not timed; model loading is not timed.
+
+    python benchmarks/int8_throughput.py --model RUN/hf_model [--repeats 2] [--limit N] \
+        [--int8 EXPORT_DIR ...] [--no-predict]
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import common
+import lightning as L
+
+from qa_lightning.data import SquadDataModule
+from qa_lightning.export import export_onnx, load_model_dir
+from qa_lightning.hardware import cpu_supports_bf16, cpu_supports_int8_dot
+from qa_lightning.inference import OnnxLogits, QuestionAnswerer, TorchLogits
+from qa_lightning.model import QAModule
+from qa_lightning.model.onnx_model import OnnxQAModule
+from qa_lightning.quantize import QuantizationRecipe, quantize_onnx
+
+BASELINE = "PyTorch fp32"
+
+
+def cpu_trainer(precision: str) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def main() -> None:
+    parser = common.parser(__doc__)
+    parser.add_argument(
+        "--int8", nargs="+", default=None, help="int8 export directories (default: export one)"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="questions (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each; the fastest counts")
+    parser.add_argument("--no-predict", action="store_true", help="time evaluation only")
+    args = parser.parse_args()
+    if args.quick:
+        args.limit = args.limit or 64
+    model_dir = common.setup(args)
+    exported = load_model_dir(model_dir)
+    settings = exported.settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = export_onnx(exported, Path(tmp) / "onnx_model")
+        if args.int8:
+            int8_paths = {f"ONNX int8 ({Path(d).name})": Path(d) / "model.onnx" for d in args.int8}
+        else:
+            int8_paths = {"ONNX int8": Path(tmp) / "onnx_model" / "model_int8.onnx"}
+            quantize_onnx(fp32_path, int8_paths["ONNX int8"], QuantizationRecipe())
+        recipes = {name: OnnxLogits(path).quantization or {} for name, path in int8_paths.items()}
+        datamodule = SquadDataModule(
+            model_dir,
+            dataset_name=None,
+            validation_file=str(common.VALIDATION_FILE),
+            validation_samples=args.limit,
+            max_length=settings.max_length,
+            stride=settings.stride,
+            max_question_tokens=settings.max_question_tokens,
+            eval_batch_size=args.batch_size,
+        )
+        datamodule.setup("validate")
+        decoding = {"n_best": settings.n_best, "max_answer_length": settings.max_answer_length}
+        torch_module = QAModule(model_dir, **decoding)
+        onnx_dir = str(fp32_path.parent)
+        # name -> (module, trainer precision, logits function of predict)
+        variants: dict[str, tuple[Any, str, Any]] = {
+            BASELINE: (torch_module, "32-true", TorchLogits(exported.model, "cpu", "32-true")),
+        }
+        if cpu_supports_bf16():
+            bf16 = TorchLogits(exported.model, "cpu", "bf16-mixed")
+            variants["PyTorch bf16-mixed"] = (torch_module, "bf16-mixed", bf16)
+        for name, path in {"ONNX fp32": fp32_path, **int8_paths}.items():
+            module = OnnxQAModule(str(path), name_or_path=onnx_dir, **decoding)
+            variants[name] = (module, "32-true", module.model.session)
+        trainers = {p: cpu_trainer(p) for _, p, _ in variants.values()}
+
+        examples = datamodule.val_examples
+        questions, contexts = examples["question"][:], examples["context"][:]
+
+        def evaluate(name: str) -> Callable[[], Any]:
+            module, precision, _ = variants[name]
+
+            def run() -> tuple[dict, dict]:
+                trainers[precision].validate(module, datamodule=datamodule, verbose=False)
+                return module.last_scores, module.last_predictions
+
+            return run
+
+        def predict(name: str) -> Callable[[], Any]:
+            answerer = QuestionAnswerer(
+                exported.tokenizer, variants[name][2], settings, args.batch_size
+            )
+            return lambda: [a[0].text if a else "" for a in answerer.answer(questions, contexts)]
+
+        seconds = {(n, task): float("inf") for n in variants for task in ("eval", "predict")}
+        results: dict[tuple[str, str], Any] = {}
+        for _ in range(args.repeats):
+            for name in variants:  # taking turns: slow drifts of the machine hit all alike
+                tasks = {"eval": evaluate(name)}
+                if not args.no_predict:
+                    tasks["predict"] = predict(name)
+                for task, fn in tasks.items():
+                    results[name, task], elapsed = common.timed(fn)
+                    seconds[name, task] = min(seconds[name, task], elapsed)
+
+    base_eval = seconds[BASELINE, "eval"]
+    base_answers = results[BASELINE, "eval"][1]
+    rows: list[list[Any]] = []
+    for name in variants:
+        scores, answers = results[name, "eval"]
+        same = sum(answers[q] == base_answers[q] for q in base_answers)
+        row = [
+            name,
+            seconds[name, "eval"],
+            f"{base_eval / seconds[name, 'eval']:.2f}x",
+            f"{scores['em']:.2f} / {scores['f1']:.2f}",
+            f"{100 * same / len(base_answers):.1f}",
+        ]
+        if not args.no_predict:
+            base_predict = seconds[BASELINE, "predict"]
+            texts, base_texts = results[name, "predict"], results[BASELINE, "predict"]
+            same_predict = sum(a == b for a, b in zip(texts, base_texts, strict=True))
+            row += [
+                seconds[name, "predict"],
+                f"{base_predict / seconds[name, 'predict']:.2f}x",
+                f"{100 * same_predict / len(texts):.1f}",
+            ]
+        rows.append(row)
+    headers = ["model", "evaluate, s", "vs fp32", "EM / F1", "same answer, %"]
+    if not args.no_predict:
+        headers += ["predict, s", "vs fp32", "same answer, %"]
+    common.print_table(
+        f"int8 vs fp32 on the CPU, {common.model_name(model_dir)}, {len(questions)} validation "
+        f"questions, batch {args.batch_size}, best of {args.repeats} ({common.machine()}; int8 "
+        f"dot products: {'yes' if cpu_supports_int8_dot() else 'NO'})",
+        headers,
+        rows,
+    )
+    for name, recipe in recipes.items():
+        ratio = base_eval / seconds[name, "eval"]
+        keys = ("per_channel", "reduce_range", "op_types", "exclude")
+        print(
+            f"{name}: {', '.join(f'{k}={recipe.get(k)}' for k in keys)}; evaluation vs fp32 "
+            f"PyTorch {ratio:.2f}x (>= 2.0x: {common.verdict(ratio, 2.0)})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""int8 ONNX exports for CPU serving: onnxruntime dynamic quantisation, and its agreement with fp32.
+
+    python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt format=onnx quantize=int8
+
+Dynamic quantisation stores the weights of the chosen operators as int8 (per output channel or per
+tensor) and quantises their inputs to uint8 at run time, per tensor, from each batch's range;
+everything else stays fp32. The recipe (``quantization.*`` in ``conf/export.yaml``) decides the
+accuracy: per-channel int8 on MatMul weights only is the default, chosen by measurement (see
+``docs/int8.md``). It is recorded under ``"quantization"`` in the export's ``qa_lightning.json``
+and in the ONNX model's metadata, which :class:`~qa_lightning.inference.OnnxLogits` reads to warn
+on CPUs without int8 dot products.
+
+The export compares the int8 model's best answers and logits with fp32 PyTorch on a sample of
+validation questions (``validation_file``, by default the checkpoint's) and warns when fewer than
+``min_agreement`` of the best answers are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qa_lightning.errors import ConfigError, ExportError
+from qa_lightning.inference import (
+    QUANTIZATION_METADATA_KEY,
+    LogitsFn,
+    OnnxLogits,
+    QuestionAnswerer,
+    TorchLogits,
+)
+
+log = logging.getLogger(__name__)
+
+#: ``quantize`` values: the weight types an export can be quantised to.
+QUANTIZE_TYPES = ("int8",)
+#: The operators onnxruntime's dynamic (``IntegerOps``) quantisation handles.
+DYNAMIC_OP_TYPES = (
+    "MatMul",
+    "Attention",
+    "Gather",
+    "Conv",
+    "LSTM",
+    "Transpose",
+    "EmbedLayerNormalization",
+)
+#: Key of the recipe and its check in ``qa_lightning.json`` (the model metadata uses
+#: :data:`~qa_lightning.inference.QUANTIZATION_METADATA_KEY`).
+SETTINGS_KEY = "quantization"
+
+
+@dataclass(frozen=True)
+class QuantizationRecipe:
+    """How the weights are quantised (``quantization.*`` in ``conf/export.yaml``).
+
+    ``per_channel``: one int8 scale per output channel of each weight, else one per tensor;
+    ``reduce_range``: 7-bit weights (avoids saturation on CPUs without VNNI, costs accuracy);
+    ``op_types``: the operator types quantised; ``exclude``: regular expressions of node names
+    kept fp32 (e.g. ``qa_outputs`` for the QA head, ``layer\\.5\\.`` for the last layer).
+    """
+
+    per_channel: bool = True
+    reduce_range: bool = False
+    op_types: tuple[str, ...] = ("MatMul",)
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("per_channel", "reduce_range"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"invalid config: quantization.{name}={getattr(self, name)!r}; use true or "
+                    "false."
+                )
+        unknown = [op for op in self.op_types if op not in DYNAMIC_OP_TYPES]
+        if not self.op_types or unknown or not all(isinstance(op, str) for op in self.op_types):
+            raise ConfigError(
+                f"invalid config: quantization.op_types={list(self.op_types)!r}; give a "
+                "non-empty list of operator types that dynamic quantisation handles: "
+                f"{list(DYNAMIC_OP_TYPES)} (e.g. quantization.op_types=[MatMul])."
+            )
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ConfigError(
+                    f"invalid config: quantization.exclude entry {pattern!r} is not a regular "
+                    f"expression ({error}); give node-name patterns such as [qa_outputs]."
+                ) from error
+
+    @classmethod
+    def from_config(cls, section: DictConfig | dict[str, Any] | None) -> QuantizationRecipe:
+        """The recipe of a ``quantization`` config section (missing keys: the defaults)."""
+        values = OmegaConf.to_container(section) if OmegaConf.is_config(section) else section
+        values = dict(values or {})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(
+                f"invalid config: unknown key(s) quantization.{unknown}; the recipe takes "
+                f"{[f.name for f in fields(cls)]}."
+            )
+        for name in ("op_types", "exclude"):
+            if name in values:
+                value = values[name]
+                if value is None:
+                    value = ()
+                if isinstance(value, str) or not isinstance(value, Sequence):
+                    raise ConfigError(
+                        f"invalid config: quantization.{name}={value!r}; give a list, e.g. "
+                        f"quantization.{name}=[{'MatMul' if name == 'op_types' else 'qa_outputs'}]."
+                    )
+                values[name] = tuple(value)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Best answers and logits of a candidate model against a reference on the same windows."""
+
+    questions: int
+    windows: int
+    same_best_answer: int
+    max_abs_logit_diff: float
+
+    @property
+    def share(self) -> float:
+        return self.same_best_answer / self.questions if self.questions else 1.0
+
+
+def quantization_tools() -> ModuleType:
+    """``onnxruntime.quantization``, or a :class:`ConfigError` saying how to install it."""
+    try:
+        import onnxruntime.quantization as tools
+    except ImportError as error:
+        raise ConfigError(
+            "quantize=int8 needs onnxruntime's quantisation tools (onnxruntime.quantization, "
+            f"which also needs onnx), which cannot be imported here ({error}): pip install "
+            "'qa-lightning[export]', or export the fp32 model (format=onnx without quantize)."
+        ) from error
+    return tools
+
+
+def excluded_nodes(onnx_path: str | Path, patterns: Sequence[str]) -> list[str]:
+    """Names of the graph's nodes that match one of the regular expressions ``patterns``."""
+    if not patterns:
+        return []
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    compiled = [re.compile(p) for p in patterns]
+    return [node.name for node in graph.node if any(p.search(node.name) for p in compiled)]
+
+
+def quantize_onnx(
+    fp32_path: str | Path, int8_path: str | Path, recipe: QuantizationRecipe
+) -> dict[str, Any]:
+    """Quantise ``fp32_path`` dynamically into ``int8_path`` (int8 weights, uint8 activations
+    quantised at run time); the recipe, as recorded in the model's metadata, is returned."""
+    tools = quantization_tools()
+    import onnx
+    import onnxruntime
+
+    exclude = excluded_nodes(fp32_path, recipe.exclude)
+    record = {
+        "type": "int8",
+        "method": "onnxruntime dynamic quantisation: int8 weights, uint8 activations "
+        "quantised at run time",
+        **asdict(recipe),
+        "op_types": list(recipe.op_types),
+        "exclude": list(recipe.exclude),
+        "excluded_nodes": exclude,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    int8_path = Path(int8_path)
+    partial = int8_path.with_name(int8_path.name + ".part")
+    root = logging.getLogger()  # onnxruntime's quantiser logs to the root logger
+    root.addFilter(_quantizer_warnings)
+    try:
+        tools.quantize_dynamic(
+            str(fp32_path),
+            str(partial),
+            op_types_to_quantize=list(recipe.op_types),
+            per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
+            weight_type=tools.QuantType.QInt8,
+            nodes_to_exclude=exclude,
+        )
+        model = onnx.load(str(partial))
+        entry = model.metadata_props.add()
+        entry.key, entry.value = QUANTIZATION_METADATA_KEY, json.dumps(record)
+        onnx.save(model, str(partial))
+        os.replace(partial, int8_path)
+    except OSError:
+        raise  # disk full or unwritable: the export reports it with out_dir
+    except Exception as error:  # the quantiser raises many types
+        raise ExportError(
+            f"onnxruntime could not quantise '{fp32_path}' ({type(error).__name__}: "
+            f"{str(error).strip()[:200]}); try another recipe (quantization.op_types=[MatMul]) "
+            "or export the fp32 model (format=onnx without quantize)."
+        ) from error
+    finally:
+        root.removeFilter(_quantizer_warnings)
+        partial.unlink(missing_ok=True)
+    return record
+
+
+def _quantizer_warnings(record: logging.LogRecord) -> bool:
+    """Keep the quantiser's warnings (it logs a line per tensor at INFO) but its hint to
+    pre-process the model (shape inference, which matters for static quantisation of CNNs)."""
+    return (
+        record.levelno >= logging.WARNING
+        and "pre-processing before quantization" not in record.getMessage()
+    )
+
+
+class RecordedLogits:
+    """A model's logits, kept batch by batch in the order they were asked for."""
+
+    def __init__(self, logits_fn: LogitsFn) -> None:
+        self.logits_fn = logits_fn
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits_fn(batch)
+        self.batches.append(logits)
+        return logits
+
+
+def compare_answers(
+    tokenizer: Any,
+    settings: Any,
+    reference: LogitsFn,
+    candidate: LogitsFn,
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    batch_size: int = 32,
+) -> Agreement:
+    """Answer the questions with both models (``predict``'s windowing, batching and decoding):
+    how many best answers are the same, and the largest start/end logit difference."""
+    recorded, answers = [], []
+    for logits_fn in (reference, candidate):
+        recording = RecordedLogits(logits_fn)
+        answerer = QuestionAnswerer(tokenizer, recording, settings, batch_size)
+        found = answerer.answer(list(questions), list(contexts))
+        answers.append([(a[0].start, a[0].end) if a else None for a in found])
+        recorded.append(recording.batches)
+    diff, windows = 0.0, 0
+    for ours, theirs in zip(*recorded, strict=True):  # the same batches in the same order
+        windows += len(ours[0])
+        for a, b in zip(ours, theirs, strict=True):
+            diff = max(diff, float((a - b).abs().max()))
+    same = sum(a == b for a, b in zip(*answers, strict=True))
+    return Agreement(len(questions), windows, same, diff)
+
+
+def sample_questions(path: str | Path, size: int, seed: int = 42) -> tuple[list[str], list[str]]:
+    """Questions and contexts of ``size`` examples of a local SQuAD-format file, sampled as
+    ``data.validation_samples`` samples (``shuffle(seed).select(range(size))``)."""
+    from qa_lightning.data.loading import load_local_file
+
+    examples = load_local_file(path)
+    if size < len(examples):
+        examples = examples.shuffle(seed=seed).select(range(size))
+    return examples["question"][:], examples["context"][:]
+
+
+def checkpoint_validation_file(ckpt_path: str | Path | None) -> str | None:
+    """The local validation file a checkpoint's data module read, if it still exists."""
+    if not ckpt_path:
+        return None
+    from qa_lightning.export import read_checkpoint
+
+    data = read_checkpoint(ckpt_path).get("datamodule_hyper_parameters") or {}
+    path = data.get("validation_file")
+    return str(path) if path and Path(path).is_file() else None
+
+
+def check_quantize_config(cfg: DictConfig) -> QuantizationRecipe | None:
+    """The recipe of ``quantize=int8`` (``None`` without ``quantize``), with the export keys it
+    uses checked and the quantisation tools imported, before any model is loaded."""
+    quantize = cfg.get("quantize")
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE_TYPES:
+        raise ConfigError(
+            f"invalid config: quantize={quantize!r}; use quantize=int8, or leave it out (null) "
+            "for the fp32 model."
+        )
+    if cfg.format != "onnx":
+        raise ConfigError(
+            f"quantize={quantize} quantises an ONNX export: give format=onnx (format="
+            f"{cfg.format} has no quantised variant)."
+        )
+    recipe = QuantizationRecipe.from_config(cfg.get("quantization"))
+    samples = cfg.get("validation_samples")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
+        raise ConfigError(
+            f"invalid config: validation_samples={samples!r}; give the number of questions to "
+            "compare int8 with fp32 on, e.g. validation_samples=300."
+        )
+    share = cfg.get("min_agreement")
+    if not isinstance(share, int | float) or isinstance(share, bool) or not 0 <= share <= 1:
+        raise ConfigError(
+            f"invalid config: min_agreement={share!r}; give a share in [0, 1], e.g. 0.95."
+        )
+    path = cfg.get("validation_file")
+    if path and not Path(path).is_file():
+        raise ConfigError(
+            f"validation_file='{path}' is not a file (resolved to '{Path(path).resolve()}'); give "
+            "a SQuAD json, jsonl or parquet file, or leave it out to use the checkpoint's."
+        )
+    quantization_tools()
+    return recipe
+
+
+def quantize_export(
+    exported: Any, onnx_path: str | Path, recipe: QuantizationRecipe, cfg: DictConfig
+) -> dict[str, Any]:
+    """Replace the checked fp32 ``onnx_path`` of an export by its int8 quantisation and compare
+    it with fp32 PyTorch (``exported.model``); returns the record for the export's settings."""
+    onnx_path = Path(onnx_path)
+    record = quantize_onnx(onnx_path, onnx_path, recipe)
+    int8 = OnnxLogits(onnx_path)  # warns on CPUs without int8 dot products
+    reference = TorchLogits(exported.model, "cpu", "32-true")
+    validation_file = cfg.get("validation_file") or checkpoint_validation_file(cfg.get("ckpt_path"))
+    if validation_file:
+        questions, contexts = sample_questions(validation_file, cfg.validation_samples)
+    else:
+        from qa_lightning.export import CHECK_PAIRS
+
+        log.warning(
+            "no validation data to compare the int8 answers with fp32's: give "
+            "validation_file=PATH (a SQuAD file); comparing %d example questions only",
+            len(CHECK_PAIRS),
+        )
+        questions, contexts = (list(x) for x in zip(*CHECK_PAIRS, strict=True))
+    agreement = compare_answers(
+        exported.tokenizer, exported.settings, reference, int8, questions, contexts
+    )
+    record["agreement"] = {
+        "reference": "fp32 PyTorch",
+        "validation_file": str(validation_file) if validation_file else None,
+        **asdict(agreement),
+        "share": round(agreement.share, 4),
+    }
+    print(
+        f"wrote {onnx_path} (int8); against fp32 PyTorch on {agreement.questions} question(s) "
+        f"({agreement.windows} windows) of {validation_file or 'the built-in examples'}: same "
+        f"best answer for {agreement.same_best_answer}/{agreement.questions} "
+        f"({100 * agreement.share:.1f}%), max abs start/end logit difference "
+        f"{agreement.max_abs_logit_diff:.3g}"
+    )
+    if validation_file and agreement.share < cfg.min_agreement:
+        log.warning(
+            "the int8 model gives the fp32 model's best answer for only %.1f%% of %d questions "
+            "(min_agreement=%s): score both with python -m qa_lightning.evaluate onnx_path=... "
+            "and, if F1 drops, try another recipe (quantization.per_channel=true, "
+            "quantization.exclude=[qa_outputs], fewer quantization.op_types) or serve the fp32 "
+            "export.",
+            100 * agreement.share,
+            agreement.questions,
+            cfg.min_agreement,
+        )
+    return {"quantization": record}
