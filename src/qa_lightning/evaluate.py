@@ -31,7 +31,12 @@ from qa_lightning.config import (
 )
 from qa_lightning.errors import ConfigError
 from qa_lightning.export import checkpoint_model_source, checkpoint_settings, read_checkpoint
-from qa_lightning.inference import SETTINGS_FILE, InferenceSettings, check_model_dir
+from qa_lightning.inference import (
+    SETTINGS_FILE,
+    InferenceSettings,
+    check_model_dir,
+    resolve_onnx_path,
+)
 from qa_lightning.integrity import write_atomic
 from qa_lightning.tokenizer import load_model_tokenizer
 
@@ -129,13 +134,19 @@ def configure_model_source(cfg: DictConfig) -> dict[str, str]:
         cfg.model.name_or_path = str(model_dir)
         cfg.model.config_overrides = None
         cfg.model.from_scratch = False
-        settings_file = Path(model_dir) / SETTINGS_FILE
-        if settings_file.is_file():
-            settings = asdict(InferenceSettings.from_dir(model_dir))  # checks the file
-            written = json.loads(settings_file.read_text())  # an earlier export's lacks some
-            saved = {name: value for name, value in settings.items() if name in written}
-            use_saved_settings(cfg, saved, "model directory", command_line_keys())
+        use_directory_settings(cfg, model_dir, "model directory")
         return {"source": str(model_dir), "source_type": "model_dir"}
+
+
+def use_directory_settings(cfg: DictConfig, directory: str | Path, origin: str) -> None:
+    """:func:`use_saved_settings` with the settings an export wrote into ``directory`` (those
+    it holds: an earlier export's lack some)."""
+    settings_file = Path(directory) / SETTINGS_FILE
+    if settings_file.is_file():
+        settings = asdict(InferenceSettings.from_dir(directory))  # checks the file
+        written = json.loads(settings_file.read_text())
+        saved = {name: value for name, value in settings.items() if name in written}
+        use_saved_settings(cfg, saved, origin, command_line_keys())
 
 
 def configure_onnx_source(cfg: DictConfig) -> dict[str, str]:
@@ -146,20 +157,15 @@ def configure_onnx_source(cfg: DictConfig) -> dict[str, str]:
             "give exactly one of ckpt_path=PATH, model_dir=PATH or onnx_path=PATH (an ONNX "
             "export, scored with onnxruntime)."
         )
-    onnx_path = Path(cfg.onnx_path)
-    if onnx_path.is_dir():
-        onnx_path = onnx_path / "model.onnx"
-    if not onnx_path.is_file():
-        raise ConfigError(
-            f"onnx_path='{onnx_path}' does not exist (resolved to '{onnx_path.resolve()}'); "
-            "export one with python -m qa_lightning.export ckpt_path=... format=onnx."
-        )
+    onnx_path = resolve_onnx_path(cfg.onnx_path)
     if not (onnx_path.parent / "tokenizer_config.json").is_file():
         raise ConfigError(
             f"onnx_path='{onnx_path}' has no tokenizer beside it; evaluate the directory that "
             "python -m qa_lightning.export wrote (model.onnx with its tokenizer and settings)."
         )
+    check_model_dir(onnx_path.parent)
     with open_dict(cfg):
+        use_directory_settings(cfg, onnx_path.parent, "ONNX export")
         cfg.model._target_ = "qa_lightning.model.onnx_model.OnnxQAModule"
         cfg.model.onnx_path = str(onnx_path)
         cfg.model.name_or_path = str(onnx_path.parent)  # the tokenizer, for the data module

@@ -419,14 +419,7 @@ class QuestionAnswerer:
     ) -> QuestionAnswerer:
         """An ONNX model run with onnxruntime; tokenizer and settings from ``tokenizer_dir``,
         by default the ONNX file's directory (where :mod:`qa_lightning.export` puts them)."""
-        onnx_path = Path(onnx_path)
-        if onnx_path.is_dir():
-            onnx_path = onnx_path / "model.onnx"
-        if not onnx_path.is_file():
-            raise ConfigError(
-                f"onnx_path='{onnx_path}' does not exist; export one with "
-                "python -m qa_lightning.export ckpt_path=... format=onnx."
-            )
+        onnx_path = resolve_onnx_path(onnx_path)
         tokenizer_dir = _existing_dir(tokenizer_dir or onnx_path.parent, "model_dir")
         _check_batch_size(batch_size)
         check_model_dir(tokenizer_dir)
@@ -691,6 +684,20 @@ def _check_batch_size(batch_size: Any) -> None:
         raise ConfigError(
             f"invalid batch_size={batch_size!r}: must be an integer > 0 (e.g. batch_size=32)."
         )
+
+
+def resolve_onnx_path(onnx_path: str | Path) -> Path:
+    """The ONNX file ``onnx_path`` names: the file itself, or ``model.onnx`` in a directory that
+    :mod:`qa_lightning.export` wrote."""
+    path = Path(onnx_path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise ConfigError(
+            f"onnx_path='{path}' does not exist (resolved to '{path.resolve()}'); export one "
+            "with python -m qa_lightning.export ckpt_path=... format=onnx."
+        )
+    return path
 
 
 def _existing_dir(path: str | Path, key: str) -> Path:
