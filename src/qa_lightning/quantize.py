@@ -352,7 +352,7 @@ def quantize_export(
         "share": round(agreement.share, 4),
     }
     print(
-        f"wrote {onnx_path} (int8); against fp32 PyTorch on {agreement.questions} question(s) "
+        f"int8 quantised; against fp32 PyTorch on {agreement.questions} question(s) "
         f"({agreement.windows} windows) of {validation_file or 'the built-in examples'}: same "
         f"best answer for {agreement.same_best_answer}/{agreement.questions} "
         f"({100 * agreement.share:.1f}%), max abs start/end logit difference "
