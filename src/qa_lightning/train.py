@@ -150,8 +150,8 @@ def diverged_error(error: FloatingPointError, cfg: DictConfig, last: Path) -> Tr
     )
     precision = str(cfg.trainer.get("precision"))
     fixes = ["lower model.lr"]
-    if not cfg.trainer.get("gradient_clip_val"):  # turned off: the default clips at norm 1.0
-        fixes.append("clip gradients (trainer.gradient_clip_val=1.0, the default)")
+    if not cfg.trainer.get("gradient_clip_val"):
+        fixes.append("clip gradients (trainer.gradient_clip_val=1.0)")
     if "16" in precision and "bf16" not in precision:
         fixes.append("train in trainer.precision=bf16-mixed (or 32-true)")
     return TrainingError(
