@@ -124,8 +124,9 @@ def test_int8_export_quantises_the_weights_and_records_recipe_and_agreement(
     for name in ("model.onnx", "config.json", "tokenizer.json", "qa_lightning.json"):
         assert (out_dir / name).is_file(), name
     counts = op_counts(out_dir / "model.onnx")
-    assert counts["MatMulInteger"] == WEIGHT_MATMULS
-    assert counts["MatMul"] == 2 * 2  # only the attention products of activations stay fp32
+    # fp32 stay the attention products of activations and, by default, each layer's FFN output
+    assert counts["MatMulInteger"] == WEIGHT_MATMULS - 2
+    assert counts["MatMul"] == 2 * 2 + 2
 
     saved = json.loads((out_dir / "qa_lightning.json").read_text())
     # the training run's windowing still travels with the model, beside the recipe
@@ -133,7 +134,12 @@ def test_int8_export_quantises_the_weights_and_records_recipe_and_agreement(
     record = saved["quantization"]
     assert record["type"] == "int8"
     assert (record["per_channel"], record["reduce_range"]) == (True, False)
-    assert (record["op_types"], record["excluded_nodes"]) == (["MatMul"], [])
+    assert record["op_types"] == ["MatMul"]
+    assert sorted(record["excluded_nodes"]) == [  # the FFN outputs' MatMul and bias Add
+        f"/model/bert/encoder/layer.{i}/output/dense/{op}"
+        for i in (0, 1)
+        for op in ("Add", "MatMul")
+    ]
     agreement = record["agreement"]
     # by default the checkpoint's validation file: the 30 demo questions
     assert agreement["validation_file"] == resource_path("demo/validation.json")

@@ -71,7 +71,7 @@ class QuantizationRecipe:
     per_channel: bool = True
     reduce_range: bool = False
     op_types: tuple[str, ...] = ("MatMul",)
-    exclude: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = (r"layer\.\d+/(output/dense|ffn/lin2)/",)  # conf/export.yaml
 
     def __post_init__(self) -> None:
         for name in ("per_channel", "reduce_range"):
