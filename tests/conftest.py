@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -40,6 +41,8 @@ TINY_OVERRIDES = [
     "callbacks.progress_bar.refresh_rate=0",
     "trainer.log_every_n_steps=1",
 ]
+#: The training overrides that evaluation shares: data (windowing, batch sizes) and trainer.
+EVAL_OVERRIDES = [o for o in TINY_OVERRIDES if o.startswith(("data", "trainer"))]
 #: Short windows, so that every demo context spans several of them, in many lengths.
 SHORT_WINDOWS = {"max_length": 64, "stride": 8, "max_question_tokens": 24}
 
@@ -127,3 +130,46 @@ def read_batches(run_dir: Path, rank: int) -> list[dict]:
     """The batches :class:`RecordBatches` recorded for ``rank``."""
     lines = (run_dir / f"batches-rank{rank}.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+@pytest.fixture
+def compose_eval(compose_train, tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose ``conf/eval.yaml``; each call writes to its own run dir under tmp_path/eval."""
+
+    def _compose(overrides: list[str], name: str = "run") -> DictConfig:
+        cfg = compose_train(overrides, config_name="eval")
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "eval" / name)
+        return cfg
+
+    return _compose
+
+
+def train_tiny(tmp: Path, *overrides: str) -> dict:
+    """``python -m qa_lightning.train`` of the tiny model on the demo data into ``tmp/run``; its
+    metrics.json with ``run_dir`` added."""
+    run_dir = tmp / "run"
+    result = run_cli(
+        "qa_lightning.train",
+        *TINY_OVERRIDES,
+        *overrides,
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": run_dir}
+
+
+def save_tiny_model_dir(directory: Path, settings: Any) -> Path:
+    """A random tiny model (conf/model/tiny.yaml, seed 0) exported as a Hugging Face directory."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from qa_lightning.export import Exported, save_hf
+    from qa_lightning.model import load_qa_model
+    from qa_lightning.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    overrides = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))
+    model = load_qa_model(minilm_path(), True, overrides["config_overrides"])
+    return save_hf(Exported(model.eval(), load_tokenizer(minilm_path()), settings), directory)

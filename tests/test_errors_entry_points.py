@@ -10,35 +10,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from qa_lightning import report
-from qa_lightning.config import minilm_path
 from qa_lightning.evaluate import evaluate
-from qa_lightning.export import Exported, export, save_hf
+from qa_lightning.export import export
 from qa_lightning.inference import InferenceSettings, QuestionAnswerer, TorchLogits
 from qa_lightning.model import QAModule
 from qa_lightning.predict import predict
-from tests.conftest import CONF_DIR, TINY_OVERRIDES
+from tests.conftest import EVAL_OVERRIDES, save_tiny_model_dir
 from tests.test_errors import _short_errors, cli_error, in_process_error, run_cli  # noqa: F401
 from tests.test_errors_data import LONG_QUESTION, UNICODE, long_context_record
 
 CONTEXT = "The report was written by the committee in 1998, after a long inquiry into the bridge."
-EVAL_OVERRIDES = [o for o in TINY_OVERRIDES if o.startswith(("data", "trainer"))]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random tiny model (conf/model/tiny.yaml) exported as a Hugging Face directory."""
-    from qa_lightning.model import load_qa_model
-    from qa_lightning.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    overrides = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))
-    model = load_qa_model(minilm_path(), True, overrides["config_overrides"])
     settings = InferenceSettings(max_length=128, stride=32)
-    directory = tmp_path_factory.mktemp("tiny") / "hf_model"
-    return save_hf(Exported(model.eval(), load_tokenizer(minilm_path()), settings), directory)
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "hf_model", settings)
 
 
 def assert_exact_offsets(context: str, answers: list[dict]) -> None:

@@ -6,28 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import open_dict
 
 from qa_lightning.errors import ConfigError
 from qa_lightning.evaluate import evaluate
 from qa_lightning.train import train
-from tests.conftest import TINY_OVERRIDES
-
-#: The training overrides that evaluation shares: data (windowing, batch sizes) and trainer.
-EVAL_OVERRIDES = [o for o in TINY_OVERRIDES if o.startswith(("data", "trainer"))]
-
-
-@pytest.fixture
-def compose_eval(compose_train, tmp_path: Path):
-    """Compose ``conf/eval.yaml``; each call writes to its own run dir under tmp_path/eval."""
-
-    def _compose(overrides: list[str], name: str = "run"):
-        cfg = compose_train(overrides, config_name="eval")
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "eval" / name)
-        return cfg
-
-    return _compose
+from tests.conftest import EVAL_OVERRIDES, TINY_OVERRIDES
 
 
 def test_evaluate_reproduces_the_training_scores_exactly(

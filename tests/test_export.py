@@ -18,7 +18,7 @@ from qa_lightning.data.loading import load_local_file
 from qa_lightning.errors import ConfigError
 from qa_lightning.export import export, read_checkpoint
 from qa_lightning.inference import InferenceSettings, QuestionAnswerer
-from tests.conftest import TINY_OVERRIDES, run_cli
+from tests.conftest import run_cli, train_tiny
 
 #: Two epochs, so that the tiny model's logits are not those of its random initialisation.
 EPOCHS = 2
@@ -27,17 +27,7 @@ EPOCHS = 2
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A tiny model trained on the demo data; its metrics.json with ``run_dir`` added."""
-    tmp = tmp_path_factory.mktemp("export")
-    run_dir = tmp / "run"
-    result = run_cli(
-        "qa_lightning.train",
-        *TINY_OVERRIDES,
-        f"trainer.max_epochs={EPOCHS}",
-        f"paths.cache_dir={tmp / 'cache'}",
-        f"hydra.run.dir={run_dir}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": run_dir}
+    return train_tiny(tmp_path_factory.mktemp("export"), f"trainer.max_epochs={EPOCHS}")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from qa_lightning.config import minilm_path
 from qa_lightning.data.cache import MANIFEST, cached
 from qa_lightning.errors import ConfigError, ExportError, ResourceError
 from qa_lightning.evaluate import evaluate
-from qa_lightning.export import Exported, export, export_checked_onnx, save_hf
+from qa_lightning.export import export, export_checked_onnx, save_hf
 from qa_lightning.inference import SETTINGS_FILE, InferenceSettings, QuestionAnswerer
 from qa_lightning.integrity import (
     file_manifest,
@@ -39,9 +39,7 @@ from qa_lightning.integrity import (
 )
 from qa_lightning.tokenizer import TOKENIZER_FILES, tokenizer_misfit
 from qa_lightning.train import train
-from tests.conftest import CONF_DIR, TINY_OVERRIDES, run_cli
-
-EVAL_OVERRIDES = [o for o in TINY_OVERRIDES if o.startswith(("data", "trainer"))]
+from tests.conftest import EVAL_OVERRIDES, TINY_OVERRIDES, run_cli, save_tiny_model_dir
 
 
 def names(directory: Path) -> list[str]:
@@ -357,15 +355,8 @@ def test_a_tokenizer_without_the_special_tokens_of_windowing_misfits(tmp_path: P
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random tiny model (conf/model/tiny.yaml) exported as a Hugging Face directory."""
-    from qa_lightning.model import load_qa_model
-    from qa_lightning.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    overrides = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))
-    model = load_qa_model(minilm_path(), True, overrides["config_overrides"])
     settings = InferenceSettings(max_length=128, stride=32)
-    directory = tmp_path_factory.mktemp("tiny") / "hf_model"
-    return save_hf(Exported(model.eval(), load_tokenizer(minilm_path()), settings), directory)
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "hf_model", settings)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from qa_lightning import config
 from qa_lightning.cli import report_errors
-from qa_lightning.config import minilm_path, resource_path
+from qa_lightning.config import resource_path
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_eval_windows
 from qa_lightning.errors import ConfigError
-from qa_lightning.export import Exported, save_hf
 from qa_lightning.inference import (
     InferenceSettings,
     InputError,
@@ -36,7 +34,7 @@ from qa_lightning.inference import (
 )
 from qa_lightning.postprocess import best_example_spans, best_window_spans
 from qa_lightning.predict import predict
-from tests.conftest import CONF_DIR, ROOT
+from tests.conftest import ROOT, save_tiny_model_dir
 
 SETTINGS = InferenceSettings(max_length=128, stride=32)
 QUESTION = "Who wrote the report?"
@@ -46,14 +44,7 @@ CONTEXT = "The report was written by the committee in 1998, after a long inquiry
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random tiny model (conf/model/tiny.yaml) exported as a Hugging Face directory."""
-    from qa_lightning.model import load_qa_model
-    from qa_lightning.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    overrides = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))
-    model = load_qa_model(minilm_path(), True, overrides["config_overrides"])
-    directory = tmp_path_factory.mktemp("tiny") / "hf_model"
-    return save_hf(Exported(model.eval(), load_tokenizer(minilm_path()), SETTINGS), directory)
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "hf_model", SETTINGS)
 
 
 @pytest.fixture(scope="module")

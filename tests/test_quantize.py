@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from qa_lightning import hardware
 from qa_lightning.cli import report_errors
@@ -31,14 +31,12 @@ from qa_lightning.quantize import (
     compare_answers,
     quantize_onnx,
 )
-from tests.conftest import CONF_DIR, TINY_OVERRIDES, run_cli
+from tests.conftest import CONF_DIR, EVAL_OVERRIDES, run_cli, train_tiny
 
 pytest.importorskip("onnxruntime.quantization")
 
 #: Two epochs, so that the tiny model's logits are not those of its random initialisation.
 EPOCHS = 2
-#: The training overrides that evaluation shares: data (windowing, batch sizes) and trainer.
-EVAL_OVERRIDES = [o for o in TINY_OVERRIDES if o.startswith(("data", "trainer"))]
 SETTINGS = InferenceSettings(max_length=128, stride=32)
 #: The weight MatMuls of the tiny model: query, key, value, attention output, FFN in and out in
 #: each of its 2 layers, and the QA head (the two attention MatMuls have no constant weight).
@@ -48,17 +46,7 @@ WEIGHT_MATMULS = 2 * 6 + 1
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A tiny model trained on the demo data; its metrics.json with ``run_dir`` added."""
-    tmp = tmp_path_factory.mktemp("quantize")
-    run_dir = tmp / "run"
-    result = run_cli(
-        "qa_lightning.train",
-        *TINY_OVERRIDES,
-        f"trainer.max_epochs={EPOCHS}",
-        f"paths.cache_dir={tmp / 'cache'}",
-        f"hydra.run.dir={run_dir}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": run_dir}
+    return train_tiny(tmp_path_factory.mktemp("quantize"), f"trainer.max_epochs={EPOCHS}")
 
 
 @pytest.fixture(scope="module")
@@ -93,19 +81,6 @@ def random_onnx(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def validation():
     return load_local_file(resource_path("demo/validation.json"))
-
-
-@pytest.fixture
-def compose_eval(compose_train, tmp_path: Path):
-    """Compose ``conf/eval.yaml``; each call writes to its own run dir under tmp_path/eval."""
-
-    def _compose(overrides: list[str], name: str = "run"):
-        cfg = compose_train(overrides, config_name="eval")
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "eval" / name)
-        return cfg
-
-    return _compose
 
 
 def op_counts(onnx_path: Path) -> dict[str, int]:
