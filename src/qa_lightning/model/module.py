@@ -14,6 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from transformers import AutoConfig, AutoModelForQuestionAnswering, get_scheduler
 
 from qa_lightning.checkpointing import plain
+from qa_lightning.data.collate import MODEL_INPUTS
 from qa_lightning.distill import batch_distillation_loss, mixed_loss
 from qa_lightning.errors import ConfigError
 from qa_lightning.metrics import squad_v1_scores, squad_v2_scores
@@ -25,7 +26,6 @@ from qa_lightning.tokenizer import OFFLINE_HINT
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 V2_LOGGED = (
     "HasAns_f1",
     "NoAns_f1",
