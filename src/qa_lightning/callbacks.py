@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.checkpointing import ResumableDataLoader
+from qa_lightning.data.sampling import ResumableDataLoader
 
 
 class ExactResume(Callback):
@@ -26,7 +26,7 @@ class ExactResume(Callback):
       the checkpoint loads with ``weights_only=True``), restored when training starts; under DDP
       each rank's (their dropout masks differ in size, so their states do);
     - the position in the epoch: the datamodule's train loader is a
-      :class:`~qa_lightning.checkpointing.ResumableDataLoader`, whose state is saved here and
+      :class:`~qa_lightning.data.sampling.ResumableDataLoader`, whose state is saved here and
       loaded when Lightning restarts mid-epoch. Lightning 2.6 loads a stateful loader's state
       only if the loader is created after the checkpoint is restored, which
       ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` prevents.

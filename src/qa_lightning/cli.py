@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -129,14 +128,3 @@ def explain_out_of_memory(
             f"These settings decide the memory needed: {current}; {advice}"
             + (f" {extra}" if extra else "")
         ) from error
-
-
-def is_disk_full(error: BaseException | None) -> bool:
-    """``error``, or an exception it was raised from, says the disk (or quota) is full."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-    return False

@@ -31,17 +31,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qa_lightning.data import cache
-from qa_lightning.data.collate import MODEL_INPUTS, TEACHER_LOGITS, WindowCollator
-from qa_lightning.data.sampling import sorted_batches
-from qa_lightning.errors import ConfigError
-from qa_lightning.export import (
+from qa_lightning.checkpoint_reading import (
     Exported,
     checkpoint_model_config,
     load_checkpoint,
     load_model_dir,
     read_checkpoint,
 )
+from qa_lightning.data import cache
+from qa_lightning.data.collate import MODEL_INPUTS, TEACHER_LOGITS, WindowCollator
+from qa_lightning.data.sampling import sorted_batches
+from qa_lightning.errors import ConfigError
 from qa_lightning.inference import AUTOCAST_DTYPES, TorchLogits, resolve_precision
 from qa_lightning.tokenizer import load_tokenizer
 

@@ -21,7 +21,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qa_lightning.checkpointing import load_checkpoint_file, trust_setting
+from qa_lightning.checkpoint_reading import (
+    checkpoint_model_source,
+    checkpoint_settings,
+    load_checkpoint_file,
+    read_checkpoint,
+    trust_setting,
+)
 from qa_lightning.cli import explain_out_of_memory, report_errors
 from qa_lightning.config import (
     register_resolvers,
@@ -30,7 +36,6 @@ from qa_lightning.config import (
     validate_max_length,
 )
 from qa_lightning.errors import ConfigError
-from qa_lightning.export import checkpoint_model_source, checkpoint_settings, read_checkpoint
 from qa_lightning.inference import (
     SETTINGS_FILE,
     InferenceSettings,

@@ -276,7 +276,7 @@ def checkpoint_validation_file(ckpt_path: str | Path | None) -> str | None:
     """The local validation file a checkpoint's data module read, if it still exists."""
     if not ckpt_path:
         return None
-    from qa_lightning.export import read_checkpoint
+    from qa_lightning.checkpoint_reading import read_checkpoint
 
     data = read_checkpoint(ckpt_path).get("datamodule_hyper_parameters") or {}
     path = data.get("validation_file")

@@ -18,14 +18,14 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.checkpointing import load_checkpoint_file, trust_setting
-from qa_lightning.cli import explain_out_of_memory, is_disk_full, report_errors
+from qa_lightning.checkpoint_reading import load_checkpoint_file, trust_setting
+from qa_lightning.cli import explain_out_of_memory, report_errors
 from qa_lightning.config import register_resolvers, validate_max_length, validate_train_config
 from qa_lightning.distill import attach_teacher_logits, check_teacher
 from qa_lightning.errors import ConfigError, ResourceError, TrainingError
 from qa_lightning.export import try_export_hf
 from qa_lightning.hardware import cpu_bf16_warning
-from qa_lightning.integrity import disk_full_error, free_space, write_atomic
+from qa_lightning.integrity import disk_full_error, free_space, is_disk_full, write_atomic
 from qa_lightning.tokenizer import load_model_tokenizer
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,9 @@ register_resolvers()
 
 def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, bool]:
     """``ckpt_path`` if given, else with ``resume=true`` the run dir's last checkpoint; checked
-    to be intact and safe to load (see :func:`~qa_lightning.checkpointing.load_checkpoint_file`)
-    before any work. Returns it and the ``weights_only`` to load it with."""
+    to be intact and safe to load (see
+    :func:`~qa_lightning.checkpoint_reading.load_checkpoint_file`) before any work. Returns it and
+    the ``weights_only`` to load it with."""
     trust = trust_setting(cfg)
     if cfg.get("ckpt_path"):
         path, key = Path(cfg.ckpt_path), "ckpt_path"

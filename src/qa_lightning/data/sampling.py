@@ -1,16 +1,18 @@
 """Batches of windows of similar length: shuffled for training, sorted for evaluation.
 
 Training batches are whole batches of a global order (a function of seed and epoch) dealt out to
-the data-parallel ranks by :class:`DistributedBatchSampler`, so that length grouping survives DDP.
+the data-parallel ranks by :class:`DistributedBatchSampler`, so that length grouping survives DDP;
+:class:`ResumableDataLoader` resumes that order in the middle of an epoch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from torch.utils.data import BatchSampler, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 from qa_lightning.errors import ConfigError
 
@@ -203,3 +205,37 @@ class SortedBatchSampler(BatchSampler):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` with the ``state_dict``/``load_state_dict`` interface that Lightning uses
+    to resume a loader in the middle of an epoch (as ``torchdata``'s ``StatefulDataLoader``).
+
+    Lightning stores :meth:`state_dict` (the batches yielded so far this epoch) in the
+    checkpoint; after :meth:`load_state_dict`, the next epoch starts by skipping that many
+    batches. The order itself must be a function of the epoch (the samplers above draw it from
+    ``seed + epoch``); under DDP every rank has
+    yielded as many batches and skips as many. The workers' base seed is drawn from the loader's
+    own ``generator``, so that starting an epoch does not draw from the global RNG (dropout).
+    """
+
+    _batches_yielded = 0
+    _batches_to_skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_yielded": self._batches_yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._batches_to_skip = int(state_dict["batches_yielded"])
+
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: nothing runs before the first batch is asked for, i.e. after Lightning
+        # has called the sampler's set_epoch for the (resumed) epoch
+        skip, self._batches_to_skip = self._batches_to_skip, 0
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches, None)
+        self._batches_yielded = skip
+        for batch in batches:
+            self._batches_yielded += 1
+            yield batch
