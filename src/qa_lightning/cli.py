@@ -1,16 +1,20 @@
-"""Shared behaviour of the entry points: clear one-paragraph errors instead of tracebacks."""
+"""Shared behaviour of the entry points: clear one-paragraph errors instead of tracebacks, and
+the results a run writes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from qa_lightning.errors import QAError, ResourceError
+from qa_lightning.integrity import write_atomic
 
 T = TypeVar("T")
 log = logging.getLogger("qa_lightning")
@@ -128,3 +132,16 @@ def explain_out_of_memory(
             f"These settings decide the memory needed: {current}; {advice}"
             + (f" {extra}" if extra else "")
         ) from error
+
+
+def write_results(
+    output_dir: Path,
+    predictions: Mapping[str, str],
+    metrics: Mapping[str, Any],
+    write: Callable[[Path, str], Any] = write_atomic,
+) -> None:
+    """A run's ``predictions.json`` (question id -> answer), then its ``metrics.json``: a run dir
+    with ``metrics.json`` is complete. Each is written whole (``write``: see
+    :func:`~qa_lightning.integrity.write_atomic`)."""
+    write(output_dir / "predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False))
+    write(output_dir / "metrics.json", json.dumps(metrics, indent=2))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qa_lightning.checkpoint_reading import load_checkpoint_file, trust_setting
-from qa_lightning.cli import explain_out_of_memory, report_errors
+from qa_lightning.cli import explain_out_of_memory, report_errors, write_results
 from qa_lightning.config import register_resolvers, validate_max_length, validate_train_config
 from qa_lightning.distill import attach_teacher_logits, check_teacher
 from qa_lightning.errors import ConfigError, ResourceError, TrainingError
@@ -232,12 +231,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     if not trainer.is_global_zero:  # DDP: rank 0 writes the run's files
         return metrics
-    # predictions first: a run with metrics.json is complete
-    write(
-        output_dir / "predictions.json",
-        json.dumps(model.best_predictions, indent=1, ensure_ascii=False),
-    )
-    write(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_results(output_dir, model.best_predictions, metrics, write)
     log.info(
         "best val/f1 %.2f (em %.2f) at epoch %d; run dir %s",
         model.best["f1"],

@@ -51,36 +51,9 @@ def length_grouped_order(
     return [int(i) for b in batch_order + ragged for i in batches[b]]
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Indices in :func:`length_grouped_order`, reshuffled each epoch (``set_epoch``)."""
-
-    def __init__(
-        self, lengths: Sequence[int], batch_size: int, seed: int = 0, longest_first: int = 1
-    ) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.longest_first = longest_first
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        yield from length_grouped_order(
-            self.lengths,
-            self.batch_size,
-            self.seed + self.epoch,
-            longest_first=self.longest_first,
-        )
-
-
-class SeededRandomSampler(Sampler[int]):
-    """A random permutation of ``range(num_windows)`` drawn from ``seed + epoch`` (``set_epoch``):
-    unlike ``RandomSampler``, a function of the epoch alone, so that a resumed epoch replays it."""
+class EpochSeededSampler(Sampler[int]):
+    """An order of ``range(num_windows)`` that is a function of ``seed + epoch`` alone
+    (Lightning calls ``set_epoch`` before each epoch), so that a resumed epoch replays it."""
 
     def __init__(self, num_windows: int, seed: int = 0) -> None:
         self.num_windows = num_windows
@@ -92,6 +65,31 @@ class SeededRandomSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_windows
+
+
+class LengthGroupedSampler(EpochSeededSampler):
+    """Indices in :func:`length_grouped_order`, reshuffled each epoch (``set_epoch``)."""
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int = 0, longest_first: int = 1
+    ) -> None:
+        super().__init__(len(lengths), seed)
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.longest_first = longest_first
+
+    def __iter__(self) -> Iterator[int]:
+        yield from length_grouped_order(
+            self.lengths,
+            self.batch_size,
+            self.seed + self.epoch,
+            longest_first=self.longest_first,
+        )
+
+
+class SeededRandomSampler(EpochSeededSampler):
+    """A random permutation of ``range(num_windows)`` drawn from ``seed + epoch``: unlike
+    ``RandomSampler``, a function of the epoch alone."""
 
     def __iter__(self) -> Iterator[int]:
         order = np.random.default_rng(self.seed + self.epoch).permutation(self.num_windows)
