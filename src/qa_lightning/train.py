@@ -201,10 +201,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("distill"):  # the teacher's logits of every training window, once (cached)
         datamodule.setup("fit")  # the other ranks: the windows rank 0 cached
         attach_teacher_logits(datamodule, cfg.distill, trainer.strategy.root_device)
+    # hyperparameters reach the loggers once, from callbacks.hparams_summary
+    # (the run dir's config_resolved.yaml holds the whole config)
     model = instantiate(cfg.model)
-    with explain_disk_full(cfg):  # the first TensorBoard events
-        for logger in trainer.loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     start = time.perf_counter()
     fit(trainer, model, datamodule, cfg, ckpt_path, weights_only)

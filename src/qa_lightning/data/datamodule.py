@@ -81,7 +81,7 @@ class SquadDataModule(L.LightningDataModule):
         super().__init__()
         # the reader stays out of checkpoints (it would pickle Hydra's wrapper class); the run
         # dir's config_resolved.yaml records it
-        self.save_hyperparameters(ignore=["reader"])
+        self.save_hyperparameters(ignore=["reader"], logger=False)  # logged by hparams_summary
         self.reader = reader
         self.tokenizer: Any = None
         self.train_windows: datasets.Dataset | None = None

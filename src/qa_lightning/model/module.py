@@ -109,8 +109,9 @@ class QAModule(L.LightningModule):
         keep_layers = None if keep_layers is None else list(keep_layers)
         distill = plain(distill)  # teacher, temperature, alpha (conf/distill/); None: no teacher
         # the factories stay out of checkpoints (they would pickle Hydra's wrapper classes); the
-        # run dir's config_resolved.yaml records them
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # run dir's config_resolved.yaml records them. Loggers get the hyperparameters once, from
+        # callbacks.hparams_summary
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.model = self.load_model(name_or_path, from_scratch, config_overrides, keep_layers)
         # from_pretrained returns eval mode and Lightning keeps submodule modes: train with dropout
