@@ -59,7 +59,8 @@ def windowing_problem(
             stride,
             f"windows of {length}={max_length} tokens keep up to {question}="
             f"{max_question_tokens} question tokens, leaving {room} context tokens, so the "
-            f"stride must be below {room}: lower {overlap} or {question}, or raise {length}.",
+            f"stride must be below {room}, in [0, {room}): lower {overlap} or {question}, or "
+            f"raise {length}.",
         ),
     )
     return next(((key, value, fix) for ok, key, value, fix in rules if not ok), None)
