@@ -19,8 +19,9 @@ from typing import Any
 import common
 import lightning as L
 
+from qa_lightning.checkpoint_reading import load_checkpoint, load_model_dir
 from qa_lightning.data import SquadDataModule
-from qa_lightning.export import export_onnx, load_checkpoint, load_model_dir
+from qa_lightning.export import export_onnx
 from qa_lightning.model import QAModule
 from qa_lightning.model.onnx_model import OnnxQAModule
 from qa_lightning.quantize import DYNAMIC_OP_TYPES, QuantizationRecipe, quantize_onnx

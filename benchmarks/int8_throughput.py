@@ -27,8 +27,9 @@ from typing import Any
 import common
 import lightning as L
 
+from qa_lightning.checkpoint_reading import load_model_dir
 from qa_lightning.data import SquadDataModule
-from qa_lightning.export import export_onnx, load_model_dir
+from qa_lightning.export import export_onnx
 from qa_lightning.hardware import cpu_supports_bf16, cpu_supports_int8_dot
 from qa_lightning.inference import OnnxLogits, QuestionAnswerer, TorchLogits
 from qa_lightning.model import QAModule

@@ -165,7 +165,8 @@ def save_tiny_model_dir(directory: Path, settings: Any) -> Path:
     import torch
     from omegaconf import OmegaConf
 
-    from qa_lightning.export import Exported, save_hf
+    from qa_lightning.checkpoint_reading import Exported
+    from qa_lightning.export import save_hf
     from qa_lightning.model import load_qa_model
     from qa_lightning.tokenizer import load_tokenizer
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from qa_lightning import config
 from qa_lightning.config import validate_train_config
+from qa_lightning.data.windowing import windowing_problem
 from qa_lightning.errors import ConfigError
+from qa_lightning.inference import InferenceSettings
 from tests.conftest import CONF_DIR
 
 GROUPS = ["data", "model", "trainer", "callbacks", "logger", "paths", "experiment"]
@@ -114,3 +118,48 @@ def test_missing_data_file_is_reported(compose_train, tmp_path) -> None:
     )
     with pytest.raises(ConfigError, match="nope.json"):
         validate_train_config(cfg)
+
+
+@dataclass
+class Sizes:
+    """A schema as the config's: a required integer, an optional number and a switch."""
+
+    size: int = field(metadata={"example": "8"})
+    ratio: float | None = 0.1
+    flag: bool = True
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"size": 8}, None),
+        ({"size": 8, "ratio": 1, "flag": False, "other": "x"}, None),  # an int is a number
+        ({"size": 8, "ratio": None}, None),
+        ({}, ("g.size", None, "set it (e.g. g.size=8).")),
+        ({"size": None}, ("g.size", None, "set it (e.g. g.size=8).")),
+        ({"size": "8"}, ("g.size", "8", "must be an integer (e.g. g.size=8).")),  # not converted
+        ({"size": 2.5}, ("g.size", 2.5, "must be an integer (e.g. g.size=8).")),
+        ({"size": True}, ("g.size", True, "must be an integer (e.g. g.size=8).")),
+        ({"size": 8, "ratio": "fast"}, ("g.ratio", "fast", "must be a number (e.g. g.ratio=0.1).")),
+        ({"size": 8, "flag": 1}, ("g.flag", 1, "must be true or false.")),
+        ({"size": 8, "flag": "yes"}, ("g.flag", "yes", "must be true or false.")),
+    ],
+)
+def test_type_problem_checks_the_schemas_types_on_values_as_given(values, problem) -> None:
+    assert config.type_problem(OmegaConf.create(values), Sizes, "g.") == problem
+
+
+def test_the_windowing_rule_is_one_for_configs_and_exported_settings() -> None:
+    # 128 - 64 question tokens - 4 special tokens leave 60 context tokens: stride 60 is too large
+    assert windowing_problem(128, 59, 64) is None
+    key, value, fix = windowing_problem(128, 60, 64, "data.")
+    assert (key, value) == ("data.stride", 60) and "leaving 60 context tokens" in fix
+    data = {"max_length": 128, "stride": 60, "max_question_tokens": 64, "batch_size": 8}
+    with pytest.raises(ConfigError) as from_config:
+        config.validate_data_config(OmegaConf.create({**data, "eval_batch_size": 8}))
+    with pytest.raises(ConfigError) as from_settings:
+        InferenceSettings(max_length=128, stride=60, max_question_tokens=64)
+    assert str(from_config.value) == f"invalid config: data.stride=60; {fix}"
+    assert str(from_settings.value) == (
+        f"invalid setting stride=60: {windowing_problem(128, 60, 64)[2]}"
+    )

@@ -13,9 +13,10 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qa_lightning.config import PAIR_SPECIAL_TOKENS, resource_path, validate_data_config
+from qa_lightning.config import resource_path, validate_data_config
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import (
+    PAIR_SPECIAL_TOKENS,
     make_eval_windows,
     make_train_windows,
     truncate_questions,

@@ -204,7 +204,7 @@ def test_atomic_checkpoint_io_reports_a_full_disk(tmp_path: Path, monkeypatch, c
     def fsync_full(fd: int) -> None:
         raise OSError(code, "No space left on device")
 
-    monkeypatch.setattr("qa_lightning.checkpointing.os.fsync", fsync_full)
+    monkeypatch.setattr("qa_lightning.integrity.os.fsync", fsync_full)
     with pytest.raises(ResourceError, match="the previous 'last.ckpt' is kept intact"):
         io.save_checkpoint({"step": 2}, path)
     with pytest.raises(ResourceError, match="no earlier 'other.ckpt' existed"):

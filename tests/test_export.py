@@ -13,10 +13,11 @@ import torch
 from qa_pipeline import TRANSFORMERS4, pipeline_answers  # benchmarks/ (pytest's pythonpath)
 from safetensors.torch import load_file
 
+from qa_lightning.checkpoint_reading import read_checkpoint
 from qa_lightning.config import resource_path
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.errors import ConfigError
-from qa_lightning.export import export, read_checkpoint
+from qa_lightning.export import export
 from qa_lightning.inference import InferenceSettings, QuestionAnswerer
 from tests.conftest import run_cli, train_tiny
 

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from qa_lightning import report
 from qa_lightning.callbacks import numpy_rng_states, plain_rng_states
-from qa_lightning.checkpointing import load_checkpoint_file, plain, trust_setting
+from qa_lightning.checkpoint_reading import load_checkpoint_file, trust_setting
 from qa_lightning.config import minilm_path
 from qa_lightning.data.cache import MANIFEST, cached
 from qa_lightning.errors import ConfigError, ExportError, ResourceError
@@ -37,6 +37,7 @@ from qa_lightning.integrity import (
     staged_directory,
     write_atomic,
 )
+from qa_lightning.plain import plain
 from qa_lightning.tokenizer import TOKENIZER_FILES, tokenizer_misfit
 from qa_lightning.train import train
 from tests.conftest import EVAL_OVERRIDES, TINY_OVERRIDES, run_cli, save_tiny_model_dir
@@ -452,7 +453,7 @@ def test_a_damaged_export_names_the_file_and_the_fix(model_dir: Path, compose_tr
 
 
 def test_an_export_replaces_only_an_earlier_export(model_dir: Path, tmp_path: Path) -> None:
-    from qa_lightning.export import load_model_dir
+    from qa_lightning.checkpoint_reading import load_model_dir
 
     exported = load_model_dir(model_dir)
     other = tmp_path / "notes"
@@ -468,7 +469,7 @@ def test_an_export_replaces_only_an_earlier_export(model_dir: Path, tmp_path: Pa
 
 def test_an_onnx_export_that_fails_its_check_writes_nothing(model_dir: Path, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    from qa_lightning.export import load_model_dir
+    from qa_lightning.checkpoint_reading import load_model_dir
 
     with pytest.raises(ExportError, match="more than atol=-1.0; nothing was written"):
         export_checked_onnx(load_model_dir(model_dir), tmp_path / "onnx", atol=-1.0)

@@ -100,8 +100,9 @@ def test_predict_takes_v2_settings_from_the_command_line(compose_train, tmp_path
     import torch
     from omegaconf import OmegaConf
 
+    from qa_lightning.checkpoint_reading import Exported
     from qa_lightning.config import minilm_path
-    from qa_lightning.export import Exported, save_hf
+    from qa_lightning.export import save_hf
     from qa_lightning.model import load_qa_model
     from qa_lightning.predict import predict
     from qa_lightning.tokenizer import load_tokenizer

@@ -19,16 +19,16 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from qa_lightning.checkpoint_reading import (
+    checkpoint_settings,
+    read_checkpoint,
+    tuned_null_threshold,
+)
 from qa_lightning.config import minilm_path, resource_path
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.errors import ConfigError, ExportError
 from qa_lightning.evaluate import evaluate, use_saved_settings
-from qa_lightning.export import (
-    checkpoint_settings,
-    export,
-    read_checkpoint,
-    tuned_null_threshold,
-)
+from qa_lightning.export import export
 from qa_lightning.inference import InferenceSettings, QuestionAnswerer
 from qa_lightning.model_files import CHECKPOINT_KEY, model_files, write_model_files
 from qa_lightning.train import train

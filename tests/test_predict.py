@@ -387,7 +387,8 @@ def test_config_errors_name_the_key(compose_train, model_dir, overrides, message
 
 def test_onnx_backend_gives_the_torch_answers(model_dir: Path, tmp_path: Path, validation) -> None:
     pytest.importorskip("onnxruntime")
-    from qa_lightning.export import export_onnx, load_model_dir, onnx_max_abs_diff
+    from qa_lightning.checkpoint_reading import load_model_dir
+    from qa_lightning.export import export_onnx, onnx_max_abs_diff
 
     exported = load_model_dir(model_dir)
     onnx_path = export_onnx(exported, tmp_path / "onnx_model")

@@ -13,13 +13,14 @@ import torch
 from omegaconf import OmegaConf
 
 from qa_lightning import hardware
+from qa_lightning.checkpoint_reading import Exported
 from qa_lightning.cli import report_errors
 from qa_lightning.config import minilm_path, resource_path
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_eval_windows
 from qa_lightning.errors import ConfigError
 from qa_lightning.evaluate import evaluate
-from qa_lightning.export import Exported, export, export_onnx
+from qa_lightning.export import export, export_onnx
 from qa_lightning.inference import (
     InferenceSettings,
     OnnxLogits,

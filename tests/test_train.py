@@ -10,6 +10,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from qa_lightning.callbacks import flatten
 from qa_lightning.config import resource_path
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.metrics import squad_v1_scores
@@ -71,6 +72,24 @@ def test_tensorboard_has_curves_once_per_epoch(trained) -> None:
     assert any(tag.startswith("train/lr") for tag in tags)  # one curve per parameter group
     # the sanity check ran (Lightning default) but logged no metric of its own
     assert len(events.Scalars("val/f1")) == EPOCHS
+
+
+def test_hyperparameters_are_logged_once_by_the_summary_callback(trained) -> None:
+    """Not also by the module and the data module (``save_hyperparameters``) or the whole config:
+    the loggers' hyperparameters are exactly ``callbacks.hparams_summary.params``, flattened."""
+    run_dir, _, _ = trained
+    logged = yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())
+    resolved = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
+    expected = flatten(resolved["callbacks"]["hparams_summary"]["params"])
+    assert logged == expected
+    assert {"model.lr", "data.stride", "seed"} <= set(expected)
+    # the HPARAMS tab's scores: -1 until training ends, then the best
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    best = json.loads((run_dir / "metrics.json").read_text())["best"]
+    for name in ("f1", "em", "epoch"):
+        values = [event.value for event in events.Scalars(f"hp/{name}_best")]
+        assert values == [-1, pytest.approx(best[name])]
 
 
 def test_second_run_reuses_tokenised_windows(trained, tmp_path) -> None:

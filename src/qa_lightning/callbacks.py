@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.checkpointing import ResumableDataLoader
+from qa_lightning.data.sampling import ResumableDataLoader
 
 
 class ExactResume(Callback):
@@ -26,7 +26,7 @@ class ExactResume(Callback):
       the checkpoint loads with ``weights_only=True``), restored when training starts; under DDP
       each rank's (their dropout masks differ in size, so their states do);
     - the position in the epoch: the datamodule's train loader is a
-      :class:`~qa_lightning.checkpointing.ResumableDataLoader`, whose state is saved here and
+      :class:`~qa_lightning.data.sampling.ResumableDataLoader`, whose state is saved here and
       loaded when Lightning restarts mid-epoch. Lightning 2.6 loads a stateful loader's state
       only if the loader is created after the checkpoint is restored, which
       ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` prevents.
@@ -101,25 +101,34 @@ def numpy_rng_states(states: dict[str, Any]) -> dict[str, Any]:
 
 
 class HyperparametersSummary(Callback):
-    """At the end of training, ``params`` (flattened to ``model.lr``, ``data.stride`` ...) and the
-    best scores go to TensorBoard's HPARAMS tab, one row per run, to compare the runs of a sweep.
+    """When training starts, ``params`` (flattened to ``model.lr``, ``data.stride`` ...) go to
+    the loggers: the one place that logs hyperparameters (the module and the data module do not;
+    the run dir's ``config_resolved.yaml`` holds the whole config). TensorBoard shows them in its
+    HPARAMS tab with the best scores, logged when training ends (``-1`` until then): one row per
+    run, to compare the runs of a sweep.
     """
+
+    #: The scores of the HPARAMS tab: ``hp/<name>_best`` from the module's ``best``.
+    SCORES = ("f1", "em", "epoch")
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = flatten(params)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):  # names the scores the tab shows
+                logger.log_hyperparams(self.params, {f"hp/{n}_best": -1 for n in self.SCORES})
+            else:
+                logger.log_hyperparams(self.params)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         best = getattr(pl_module, "best", None)
         if not best or best.get("epoch", -1) < 0:
             return
-        metrics = {
-            "hp/f1_best": best["f1"],
-            "hp/em_best": best["em"],
-            "hp/epoch_best": best["epoch"],
-        }
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(self.params, metrics)
+                scores = {f"hp/{name}_best": best[name] for name in self.SCORES}
+                logger.log_metrics(scores, step=trainer.global_step)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

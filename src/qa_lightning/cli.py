@@ -1,17 +1,20 @@
-"""Shared behaviour of the entry points: clear one-paragraph errors instead of tracebacks."""
+"""Shared behaviour of the entry points: clear one-paragraph errors instead of tracebacks, and
+the results a run writes."""
 
 from __future__ import annotations
 
-import errno
+import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from qa_lightning.errors import QAError, ResourceError
+from qa_lightning.integrity import write_atomic
 
 T = TypeVar("T")
 log = logging.getLogger("qa_lightning")
@@ -131,12 +134,14 @@ def explain_out_of_memory(
         ) from error
 
 
-def is_disk_full(error: BaseException | None) -> bool:
-    """``error``, or an exception it was raised from, says the disk (or quota) is full."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+def write_results(
+    output_dir: Path,
+    predictions: Mapping[str, str],
+    metrics: Mapping[str, Any],
+    write: Callable[[Path, str], Any] = write_atomic,
+) -> None:
+    """A run's ``predictions.json`` (question id -> answer), then its ``metrics.json``: a run dir
+    with ``metrics.json`` is complete. Each is written whole (``write``: see
+    :func:`~qa_lightning.integrity.write_atomic`)."""
+    write(output_dir / "predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False))
+    write(output_dir / "metrics.json", json.dumps(metrics, indent=2))

@@ -1,20 +1,32 @@
-"""OmegaConf resolvers used by ``conf/`` and checks that run before any heavy work."""
+"""OmegaConf resolvers used by ``conf/`` and checks that run before any heavy work.
+
+Types are declared once, in structured schemas (``DataTypes``, ``ModelTypes`` ...) that OmegaConf
+checks (:func:`type_problem`); what types cannot say is one small rule each (windowing's in
+:func:`~qa_lightning.data.windowing.windowing_problem`, decoding's in
+:func:`~qa_lightning.postprocess.decoding_problem`).
+"""
 
 from __future__ import annotations
 
 import math
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
-from qa_lightning.errors import ConfigError
+from qa_lightning.data.records import OnBadRecord
+from qa_lightning.data.windowing import windowing_problem
+from qa_lightning.errors import ConfigError, Problem, invalid_config
 from qa_lightning.hardware import cpu_supports_bf16
+from qa_lightning.plain import plain
+from qa_lightning.postprocess import REFERENCE_DECODING, decoding_problem
 
-#: Special tokens a (question, context) pair adds at most (RoBERTa: <s> q </s></s> c </s>).
-PAIR_SPECIAL_TOKENS = 4
 #: ``postprocess.null_score_diff_threshold`` that applies the validation's ``best_f1_thresh``.
 NULL_THRESHOLD_BEST = "best"
 
@@ -74,28 +86,128 @@ def register_resolvers() -> None:
 
 def _check(condition: bool, key: str, value: object, fix: str) -> None:
     if not condition:
-        raise ConfigError(f"invalid config: {key}={value!r}; {fix}")
+        raise invalid_config((key, value, fix))
 
 
-def _number(
-    node: DictConfig, name: str, prefix: str, integer: bool, example: str, required: bool = False
-) -> Any:
-    """``node[name]``, checked to be an integer (``integer``) or a finite number, or ``None``
-    where that is allowed (not ``required``)."""
-    value = node.get(name)
-    if value is None:
-        _check(not required, f"{prefix}.{name}", value, f"set it (e.g. {prefix}.{name}={example}).")
-        return None
-    kind = "an integer" if integer else "a number"
-    allowed = (int,) if integer else (int, float)
-    _check(
-        isinstance(value, allowed) and not isinstance(value, bool),
-        f"{prefix}.{name}",
-        value,
-        f"must be {kind} (e.g. {prefix}.{name}={example}).",
+# -- types: structured schemas that OmegaConf checks ----------------------------------------
+
+
+@dataclass
+class DataTypes:
+    """The types of ``data.*`` sizes and switches (``conf/data/``); the other keys are the data
+    module's arguments, checked where they are used."""
+
+    max_length: int = field(metadata={"example": "384"})
+    stride: int = field(metadata={"example": "128"})
+    max_question_tokens: int = field(metadata={"example": "64"})
+    batch_size: int = field(metadata={"example": "8"})
+    eval_batch_size: int = field(metadata={"example": "32"})
+    train_samples: int | None = field(default=None, metadata={"example": "2000"})
+    validation_samples: int | None = field(default=None, metadata={"example": "1000"})
+    num_workers: int | None = field(default=0, metadata={"example": "2"})
+    pad_to_multiple_of: int | None = 8
+    group_by_length: bool = True
+    pad_to_max_length: bool = False
+    eval_equal_length: bool | None = field(
+        default=None,
+        metadata={"fix": "must be true or false, or null (true on CPU, false on GPU)."},
     )
-    _check(math.isfinite(value), f"{prefix}.{name}", value, f"must be finite (e.g. {example}).")
-    return value
+
+
+@dataclass
+class ModelTypes:
+    """The types of ``model.*``'s optimisation values (``conf/model/_base.yaml``)."""
+
+    lr: float = field(metadata={"example": "2e-5"})
+    weight_decay: float | None = 0.01
+    warmup_ratio: float | None = field(default=0.0, metadata={"example": "0.1"})
+    adam_epsilon: float | None = field(default=1e-8, metadata={"example": "1e-8"})
+
+
+@dataclass
+class DecodingTypes:
+    """The types of ``postprocess.*`` (``conf/postprocess/``); ``null_score_diff_threshold`` is a
+    number or ``best``, which a type cannot say (:func:`validate_decoding_config`)."""
+
+    n_best: int = field(metadata={"example": str(REFERENCE_DECODING["n_best"])})
+    max_answer_length: int = field(
+        metadata={"example": str(REFERENCE_DECODING["max_answer_length"])}
+    )
+
+
+@dataclass
+class TrainerTypes:
+    """The types of the ``trainer.*`` keys that the project checks (the rest are Lightning's)."""
+
+    max_epochs: int | None = field(default=None, metadata={"example": "3"})
+    accumulate_grad_batches: int | None = field(default=None, metadata={"example": "2"})
+    gradient_clip_val: float | None = field(default=None, metadata={"example": "1.0"})
+
+
+def type_problem(values: Mapping[str, Any], schema: type, prefix: str = "") -> Problem | None:
+    """The first of ``values`` (a config group) whose type is not the one the dataclass
+    ``schema`` declares for it (keys named ``prefix + name``), else ``None``.
+
+    OmegaConf checks the types, as for a structured config; a value that it would convert
+    (``1`` to ``true``, ``'8'`` to ``8``; an integer to a float is fine) counts as wrong too,
+    since configs are used as given. Fields without a default must be set; the others are
+    checked where ``values`` holds them. A field's ``metadata`` may give an ``example`` value
+    and a ``fix`` (the message's advice).
+    """
+    schema_fields = {f.name: f for f in fields(schema)}
+    given = {
+        name: plain(values[name]) if name in values else None
+        for name, f in schema_fields.items()
+        if name in values or _required(f)
+    }
+    try:
+        typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), given))
+    except ValidationError as error:
+        name = str(error.key)
+        return _type_fix(schema, schema_fields[name], given[name], prefix)
+    for name, value in given.items():
+        if not _as_given(value, typed[name]):
+            return _type_fix(schema, schema_fields[name], value, prefix)
+    return None
+
+
+def _required(f: Field) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _as_given(value: Any, typed: Any) -> bool:
+    """``typed`` (OmegaConf's value for ``value``) is ``value`` unconverted."""
+    if isinstance(typed, list) and isinstance(value, list | tuple):
+        return len(value) == len(typed) and all(map(_as_given, value, typed))
+    if isinstance(typed, float) and type(value) is int:
+        return True
+    return type(value) is type(typed)
+
+
+def _type_fix(schema: type, f: Field, value: Any, prefix: str) -> Problem:
+    key = f"{prefix}{f.name}"
+    example = f.metadata.get("example", f.default)
+    kind = typing.get_type_hints(schema)[f.name]
+    if value is None and _required(f):
+        fix = f"set it (e.g. {key}={example})."
+    elif bool in typing.get_args(kind) or kind is bool:
+        fix = "must be true or false."
+    elif int in typing.get_args(kind) or kind is int:
+        fix = f"must be an integer (e.g. {key}={example})."
+    elif float in typing.get_args(kind) or kind is float:
+        fix = f"must be a number (e.g. {key}={example})."
+    else:
+        fix = f"must be a {kind} (e.g. {key}={example})."
+    return key, value, f.metadata.get("fix", fix)
+
+
+def check_types(values: Mapping[str, Any], schema: type, prefix: str) -> None:
+    """:func:`type_problem`, raised as a :class:`ConfigError`."""
+    if problem := type_problem(values, schema, prefix):
+        raise invalid_config(problem)
+
+
+# -- rules that types cannot say -------------------------------------------------------------
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -110,34 +222,50 @@ def validate_train_config(cfg: DictConfig) -> None:
     validate_model_config(cfg.model)
     validate_decoding_config(cfg.postprocess)
     trainer = cfg.trainer
-    epochs = _number(trainer, "max_epochs", "trainer", True, "3")
-    _check(epochs is None or epochs > 0, "trainer.max_epochs", epochs, "must be > 0.")
-    accumulate = _number(trainer, "accumulate_grad_batches", "trainer", True, "2")
-    _check(
-        accumulate is None or accumulate > 0,
-        "trainer.accumulate_grad_batches",
-        accumulate,
-        "must be > 0 (1: no accumulation).",
-    )
-    clip = _number(trainer, "gradient_clip_val", "trainer", False, "1.0")
-    _check(
-        clip is None or clip >= 0,
-        "trainer.gradient_clip_val",
-        clip,
+    check_types(trainer, TrainerTypes, "trainer.")
+    _finite(trainer, "trainer.", "gradient_clip_val", "1.0")
+    _above(trainer, "trainer.", "max_epochs", 0, "must be > 0.")
+    _above(trainer, "trainer.", "accumulate_grad_batches", 0, "must be > 0 (1: no accumulation).")
+    _above(
+        trainer,
+        "trainer.",
+        "gradient_clip_val",
+        0,
         "must be >= 0 (1.0: the reference recipe's max gradient norm), or null for no clipping.",
+        inclusive=True,
     )
+
+
+def _finite(node: DictConfig, prefix: str, name: str, example: str) -> None:
+    """``node[name]``, a number (or null), is finite."""
+    value = node.get(name)
+    _check(
+        value is None or math.isfinite(value),
+        prefix + name,
+        value,
+        f"must be finite (e.g. {example}).",
+    )
+
+
+def _above(
+    node: DictConfig, prefix: str, name: str, low: float, fix: str, inclusive: bool = False
+) -> None:
+    """``node[name]``, a number (or null), is above ``low`` (or equal to it, ``inclusive``)."""
+    value = node.get(name)
+    ok = value is None or value > low or (inclusive and value == low)
+    _check(ok, prefix + name, value, fix)
 
 
 def validate_model_config(model: DictConfig) -> None:
     """The optimisation values of ``model``."""
-    lr = _number(model, "lr", "model", False, "2e-5")
-    _check(lr is not None and lr > 0, "model.lr", lr, "the learning rate must be > 0 (e.g. 2e-5).")
-    decay = _number(model, "weight_decay", "model", False, "0.01")
-    _check(decay is None or decay >= 0, "model.weight_decay", decay, "must be >= 0.")
-    warmup = _number(model, "warmup_ratio", "model", False, "0.1")
+    check_types(model, ModelTypes, "model.")
+    for name, example in (("lr", "2e-5"), ("weight_decay", "0.01"), ("adam_epsilon", "1e-8")):
+        _finite(model, "model.", name, example)
+    _above(model, "model.", "lr", 0, "the learning rate must be > 0 (e.g. 2e-5).")
+    _above(model, "model.", "weight_decay", 0, "must be >= 0.", inclusive=True)
+    warmup = model.get("warmup_ratio")
     _check(warmup is None or 0 <= warmup < 1, "model.warmup_ratio", warmup, "use [0, 1).")
-    eps = _number(model, "adam_epsilon", "model", False, "1e-8")
-    _check(eps is None or eps > 0, "model.adam_epsilon", eps, "must be > 0 (e.g. 1e-8).")
+    _above(model, "model.", "adam_epsilon", 0, "must be > 0 (e.g. 1e-8).")
     if model.get("keep_layers") is not None:
         from qa_lightning.model.layers import validate_keep_layers
 
@@ -154,104 +282,41 @@ def validate_model_config(model: DictConfig) -> None:
 def validate_decoding_config(postprocess: DictConfig) -> None:
     """``postprocess.n_best``, ``postprocess.max_answer_length`` and
     ``postprocess.null_score_diff_threshold`` (a number, or ``best``)."""
-    for name, reference in (("n_best", 20), ("max_answer_length", 30)):
-        value = _number(postprocess, name, "postprocess", True, str(reference))
-        _check(
-            value is not None and value > 0,
-            f"postprocess.{name}",
-            value,
-            f"must be > 0 (reference: {reference}).",
-        )
-    if postprocess.get("null_score_diff_threshold") != NULL_THRESHOLD_BEST:
-        _check(
-            _is_finite_number(postprocess.get("null_score_diff_threshold")),
-            "postprocess.null_score_diff_threshold",
-            postprocess.get("null_score_diff_threshold"),
-            "use a number (e.g. 0.0, the reference) or best (the threshold that maximises F1 "
-            "on the validation data, as the official SQuAD v2 script's best_f1_thresh).",
-        )
+    check_types(postprocess, DecodingTypes, "postprocess.")
+    if problem := decoding_problem(
+        postprocess.n_best, postprocess.max_answer_length, "postprocess."
+    ):
+        raise invalid_config(problem)
+    threshold = postprocess.get("null_score_diff_threshold")
+    _check(
+        threshold == NULL_THRESHOLD_BEST or is_finite_number(threshold),
+        "postprocess.null_score_diff_threshold",
+        threshold,
+        "use a number (e.g. 0.0, the reference) or best (the threshold that maximises F1 "
+        "on the validation data, as the official SQuAD v2 script's best_f1_thresh).",
+    )
 
 
-def _is_finite_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def validate_data_config(data: DictConfig) -> None:
     """Types and ranges of ``data``'s sizes, windowing that the tokenizer can do, and files."""
-    required = ("max_length", "stride", "max_question_tokens", "batch_size", "eval_batch_size")
-    for name, example in (
-        ("max_length", "384"),
-        ("stride", "128"),
-        ("max_question_tokens", "64"),
-        ("batch_size", "8"),
-        ("eval_batch_size", "32"),
-        ("train_samples", "2000"),
-        ("validation_samples", "1000"),
-        ("num_workers", "2"),
-        ("pad_to_multiple_of", "8"),
+    check_types(data, DataTypes, "data.")
+    if problem := windowing_problem(
+        data.max_length, data.stride, data.max_question_tokens, "data."
     ):
-        if name in data or name in required:
-            _number(data, name, "data", True, example, required=name in required)
-    _check(data.max_length > 0, "data.max_length", data.max_length, "must be > 0 (e.g. 384).")
-    _check(data.stride >= 0, "data.stride", data.stride, "must be >= 0 (e.g. 128).")
+        raise invalid_config(problem)
+    for name in ("batch_size", "eval_batch_size"):
+        _above(data, "data.", name, 0, "must be > 0.")
+    for name in ("train_samples", "validation_samples"):
+        _above(data, "data.", name, 0, "must be > 0, or null for all.")
+    _above(data, "data.", "num_workers", 0, "must be >= 0.", inclusive=True)
+    _above(data, "data.", "pad_to_multiple_of", 0, "must be > 0 (e.g. 8), or null.")
     _check(
-        data.stride < data.max_length,
-        "data.stride",
-        data.stride,
-        f"the overlap must be smaller than data.max_length={data.max_length} (e.g. 128 for 384).",
-    )
-    _check(
-        data.max_question_tokens > 0,
-        "data.max_question_tokens",
-        data.max_question_tokens,
-        "must be > 0 (e.g. 64).",
-    )
-    room = data.max_length - data.max_question_tokens - PAIR_SPECIAL_TOKENS
-    _check(
-        room > 0,
-        "data.max_question_tokens",
-        data.max_question_tokens,
-        f"windows of data.max_length={data.max_length} tokens would have no room for the "
-        f"context after {data.max_question_tokens} question tokens and {PAIR_SPECIAL_TOKENS} "
-        "special tokens: lower data.max_question_tokens (e.g. 64) or raise data.max_length.",
-    )
-    _check(
-        data.stride < room,
-        "data.stride",
-        data.stride,
-        f"windows of data.max_length={data.max_length} tokens keep up to "
-        f"data.max_question_tokens={data.max_question_tokens} question tokens, leaving {room} "
-        f"context tokens, so the stride must be below {room}: lower data.stride or "
-        "data.max_question_tokens, or raise data.max_length.",
-    )
-    for key in ("batch_size", "eval_batch_size"):
-        _check(data[key] > 0, f"data.{key}", data[key], "must be > 0.")
-    for key, auto in (
-        ("group_by_length", False),
-        ("pad_to_max_length", False),
-        ("eval_equal_length", True),
-    ):
-        value = data.get(key, False)
-        _check(
-            isinstance(value, bool) or (auto and value is None),
-            f"data.{key}",
-            value,
-            "must be true or false" + (", or null (true on CPU, false on GPU)." if auto else "."),
-        )
-    for key in ("train_samples", "validation_samples"):
-        value = data.get(key)
-        _check(value is None or value > 0, f"data.{key}", value, "must be > 0, or null for all.")
-    workers = data.get("num_workers")
-    _check(workers is None or workers >= 0, "data.num_workers", workers, "must be >= 0.")
-    multiple = data.get("pad_to_multiple_of")
-    _check(
-        multiple is None or multiple > 0,
-        "data.pad_to_multiple_of",
-        multiple,
-        "must be > 0 (e.g. 8), or null.",
-    )
-    _check(
-        data.on_bad_record in ("error", "skip"),
+        data.on_bad_record in typing.get_args(OnBadRecord),
         "data.on_bad_record",
         data.on_bad_record,
         "use error (stop and list bad records) or skip (skip and count them).",

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +32,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qa_lightning.data import cache
-from qa_lightning.data.collate import MODEL_INPUTS, TEACHER_LOGITS, WindowCollator
-from qa_lightning.data.sampling import sorted_batches
-from qa_lightning.errors import ConfigError
-from qa_lightning.export import (
+from qa_lightning.checkpoint_reading import (
     Exported,
     checkpoint_model_config,
     load_checkpoint,
     load_model_dir,
     read_checkpoint,
 )
+from qa_lightning.config import check_types, validate_max_length
+from qa_lightning.data import cache
+from qa_lightning.data.collate import MODEL_INPUTS, TEACHER_LOGITS, WindowCollator
+from qa_lightning.data.sampling import sorted_batches
+from qa_lightning.errors import ConfigError
 from qa_lightning.inference import AUTOCAST_DTYPES, TorchLogits, resolve_precision
 from qa_lightning.tokenizer import load_tokenizer
 
@@ -120,26 +122,36 @@ def batch_distillation_loss(
 # -- the config --------------------------------------------------------------------------------
 
 
+@dataclass
+class DistillTypes:
+    """The types of ``distill.*`` (``conf/distill/``); the teacher and precision are checked by
+    :func:`validate_distill_config`."""
+
+    temperature: float = field(metadata={"example": "2.0"})
+    alpha: float = field(metadata={"example": "0.5"})
+    batch_size: int = field(metadata={"example": "32"})
+
+
 def validate_distill_config(distill: Any) -> None:
     """``distill.temperature > 0``, ``0 <= distill.alpha <= 1``, ``distill.batch_size > 0``, a
     known ``distill.precision`` and a teacher that exists (an exported model directory or a
     ``.ckpt`` file)."""
-    temperature, alpha = distill.get("temperature"), distill.get("alpha")
-    if not _is_number(temperature) or not temperature > 0:
+    check_types(distill, DistillTypes, "distill.")
+    temperature, alpha = distill.temperature, distill.alpha
+    if not math.isfinite(temperature) or not temperature > 0:
         raise ConfigError(
             f"invalid config: distill.temperature={temperature!r}; must be a number > 0 "
             "(e.g. 2.0; 1 leaves the teacher's distributions as they are, higher softens them)."
         )
-    if not _is_number(alpha) or not 0 <= alpha <= 1:
+    if not 0 <= alpha <= 1:
         raise ConfigError(
             f"invalid config: distill.alpha={alpha!r}; must be in [0, 1], the weight of the "
             "teacher's soft targets against the labels (e.g. 0.5; 0: labels only, 1: teacher only)."
         )
-    batch_size = distill.get("batch_size")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+    if distill.batch_size <= 0:
         raise ConfigError(
-            f"invalid config: distill.batch_size={batch_size!r}; must be an integer > 0, the "
-            "windows per teacher forward pass (e.g. 32)."
+            f"invalid config: distill.batch_size={distill.batch_size!r}; must be an integer > 0, "
+            "the windows per teacher forward pass (e.g. 32)."
         )
     precision = distill.get("precision", "auto")
     if precision != "auto" and precision not in AUTOCAST_DTYPES:
@@ -148,10 +160,6 @@ def validate_distill_config(distill: Any) -> None:
             f"{', '.join(AUTOCAST_DTYPES)}."
         )
     teacher_kind(distill.get("teacher"))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def teacher_kind(teacher: Any) -> str:
@@ -194,8 +202,6 @@ def teacher_tokenizer(teacher: str | Path) -> Any:
 def check_teacher(distill: Any, student_tokenizer: Any, max_length: int) -> None:
     """The teacher exists, shares the student's tokenizer (the soft targets are per token: both
     models must see the same tokens) and takes windows of ``max_length`` tokens."""
-    from qa_lightning.config import validate_max_length
-
     validate_distill_config(distill)
     tokenizer = teacher_tokenizer(distill.teacher)
     if cache.tokenizer_fingerprint(tokenizer) != cache.tokenizer_fingerprint(student_tokenizer):

@@ -4,6 +4,11 @@ Every message names what is wrong (a config key, file, record id, line or value)
 :func:`qa_lightning.cli.report_errors` prints it and exits with status 2.
 """
 
+from typing import Any
+
+#: A rule that a config breaks: the key (e.g. ``data.stride``), its value and the fix.
+Problem = tuple[str, Any, str]
+
 
 class QAError(Exception):
     """A problem with the user's input or configuration; the message names it and the fix."""
@@ -11,6 +16,12 @@ class QAError(Exception):
 
 class ConfigError(QAError):
     """A configuration value is invalid."""
+
+
+def invalid_config(problem: Problem) -> ConfigError:
+    """The error for a broken config rule: ``invalid config: KEY=VALUE; FIX``."""
+    key, value, fix = problem
+    return ConfigError(f"invalid config: {key}={value!r}; {fix}")
 
 
 class DataError(QAError):

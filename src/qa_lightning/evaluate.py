@@ -21,8 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qa_lightning.checkpointing import load_checkpoint_file, trust_setting
-from qa_lightning.cli import explain_out_of_memory, report_errors
+from qa_lightning.checkpoint_reading import (
+    checkpoint_model_source,
+    checkpoint_settings,
+    load_checkpoint_file,
+    read_checkpoint,
+    trust_setting,
+)
+from qa_lightning.cli import explain_out_of_memory, report_errors, write_results
 from qa_lightning.config import (
     register_resolvers,
     validate_data_config,
@@ -30,7 +36,6 @@ from qa_lightning.config import (
     validate_max_length,
 )
 from qa_lightning.errors import ConfigError
-from qa_lightning.export import checkpoint_model_source, checkpoint_settings, read_checkpoint
 from qa_lightning.inference import (
     SETTINGS_FILE,
     InferenceSettings,
@@ -267,12 +272,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "skipped_records": len(datamodule.skipped.get("validation", {})),
         "wall_time_s": round(wall_time, 1),
     }
-    if trainer.is_global_zero:  # predictions first: a run with metrics.json is complete
-        write_atomic(
-            output_dir / "predictions.json",
-            json.dumps(model.last_predictions, indent=1, ensure_ascii=False),
-        )
-        write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    if trainer.is_global_zero:
+        write_results(output_dir, model.last_predictions, metrics)
     log.info(
         "%s: em %.2f f1 %.2f on %d questions; wrote %s",
         source["source"],

@@ -17,10 +17,8 @@ quantised to int8 (see :mod:`qa_lightning.quantize`). A directory is written who
 from __future__ import annotations
 
 import logging
-import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,204 +27,19 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from qa_lightning.checkpointing import load_checkpoint_file, trust_setting
+from qa_lightning.checkpoint_reading import Exported, load_checkpoint, load_model_dir, trust_setting
 from qa_lightning.cli import report_errors
-from qa_lightning.config import NULL_THRESHOLD_BEST, register_resolvers
+from qa_lightning.config import register_resolvers
 from qa_lightning.data.collate import MODEL_INPUTS
 from qa_lightning.errors import ConfigError, ExportError
-from qa_lightning.inference import OUTPUT_NAMES, SETTINGS_FILE, InferenceSettings, check_model_dir
+from qa_lightning.inference import OUTPUT_NAMES, SETTINGS_FILE
 from qa_lightning.integrity import file_manifest, staged_directory
-from qa_lightning.model_files import CHECKPOINT_KEY as MODEL_FILES_KEY
-from qa_lightning.model_files import has_config, has_tokenizer, write_model_files
 from qa_lightning.quantize import check_quantize_config, quantize_export
-from qa_lightning.tokenizer import check_tokenizer_fits, load_tokenizer, model_vocab_size
 
 log = logging.getLogger(__name__)
 register_resolvers()
 
 FORMATS = ("hf", "onnx")
-
-
-@dataclass
-class Exported:
-    """A model ready to export: the Hugging Face model (eval mode), tokenizer and settings."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    settings: InferenceSettings
-
-
-def read_checkpoint(ckpt_path: str | Path, trust: bool = False) -> dict[str, Any]:
-    """A Lightning checkpoint of this project, memory-mapped, checked to be intact and loaded
-    with ``weights_only=True`` (with ``trust``, a checkpoint that needs Python's full unpickler
-    is loaded with it: see :func:`~qa_lightning.checkpointing.load_checkpoint_file`)."""
-    return load_checkpoint_file(ckpt_path, trust)[0]
-
-
-def checkpoint_model_config(checkpoint: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:
-    """``name_or_path`` and ``config_overrides`` of the checkpoint's ``QAModule``: the config
-    that builds its architecture. A student (``keep_layers``) is ``name_or_path``'s config with
-    ``num_hidden_layers`` = the number of layers it kept."""
-    hparams = checkpoint.get("hyper_parameters") or {}
-    if "name_or_path" not in hparams:
-        raise ConfigError(
-            f"ckpt_path='{ckpt_path}' is not a qa_lightning checkpoint (its hyperparameters have "
-            "no name_or_path); give a checkpoint written by python -m qa_lightning.train."
-        )
-    overrides = _plain(hparams.get("config_overrides"))
-    if hparams.get("keep_layers") is not None:
-        overrides = {**(overrides or {}), "num_hidden_layers": len(hparams["keep_layers"])}
-    return {"name_or_path": str(hparams["name_or_path"]), "config_overrides": overrides}
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a checkpoint's architecture (``name_or_path`` with ``config_overrides``) and
-    tokenizer load from."""
-
-    name_or_path: str
-    config_overrides: dict[str, Any] | None
-    tokenizer_name_or_path: str
-
-
-def checkpoint_model_source(
-    checkpoint: dict[str, Any], ckpt_path: str | Path, directory: str | Path
-) -> ModelSource:
-    """The checkpoint's own config and tokenizer files, written to ``directory``; for what a
-    checkpoint of an earlier version lacks, its base model (``name_or_path``, the data module's
-    tokenizer), which must then be reachable."""
-    model_config = checkpoint_model_config(checkpoint, ckpt_path)
-    files = checkpoint.get(MODEL_FILES_KEY)
-    if has_config(files) or has_tokenizer(files):
-        write_model_files(files, directory)
-    base = model_config["name_or_path"]
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    base_tokenizer = str(data.get("tokenizer_name_or_path") or base)
-    missing = []
-    if has_config(files):
-        name_or_path, overrides = str(directory), None
-    else:
-        name_or_path, overrides = base, model_config["config_overrides"]
-        if problem := _unreachable(base, "config"):
-            missing.append(f"model config (base '{base}': {problem})")
-    if has_tokenizer(files):
-        tokenizer = str(directory)
-    else:
-        tokenizer = base_tokenizer
-        if problem := _unreachable(base_tokenizer, "tokenizer"):
-            missing.append(f"tokenizer files (base '{base_tokenizer}': {problem})")
-    if missing:
-        raise ConfigError(
-            f"ckpt_path='{ckpt_path}' cannot rebuild its model: it holds no "
-            f"{' and no '.join(missing)}, and its base cannot be loaded here (checkpoints of "
-            "earlier qa_lightning versions rely on it). Use the checkpoint where its base can "
-            "be reached (the machine and virtualenv that trained it; for a hub id, network "
-            "access or the Hugging Face cache), and there run python -m qa_lightning.export "
-            f"ckpt_path={ckpt_path} format=hf: it writes a self-contained model directory that "
-            "evaluate model_dir=..., export model_dir=... and predict model_dir=... load anywhere."
-        )
-    return ModelSource(name_or_path, overrides, tokenizer)
-
-
-def _unreachable(name_or_path: str, what: str) -> str | None:
-    """Why the config or tokenizer of ``name_or_path`` cannot be loaded, or ``None``."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    load = AutoConfig if what == "config" else AutoTokenizer
-    try:
-        load.from_pretrained(name_or_path)
-    except Exception as error:  # hub and file errors come in many types
-        text = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
-    return None
-
-
-def checkpoint_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The windowing and decoding a checkpoint was trained with, by :class:`InferenceSettings`
-    field (``null_score_diff_threshold`` may be ``best``); what an earlier version's checkpoint
-    lacks is left out."""
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    hparams = checkpoint.get("hyper_parameters") or {}
-    settings = {}
-    for field in fields(InferenceSettings):
-        value = data.get(field.name)
-        if value is None:
-            value = hparams.get(field.name)
-        if value is not None:
-            settings[field.name] = value
-    return settings
-
-
-def tuned_null_threshold(checkpoint: dict[str, Any], ckpt_path: str | Path) -> float:
-    """``best_f1_thresh`` of the checkpoint's last validation, the threshold that
-    ``postprocess.null_score_diff_threshold=best`` serves."""
-    threshold = ((checkpoint.get("qa_last") or {}).get("scores") or {}).get("best_f1_thresh")
-    if threshold is None:
-        raise ExportError(
-            f"ckpt_path='{ckpt_path}' was trained with postprocess.null_score_diff_threshold=best "
-            "but holds no validation's best_f1_thresh (it was saved before a validation ran, or "
-            "by an earlier qa_lightning version); export a checkpoint saved after a validation "
-            "(e.g. the run's best-*.ckpt), or give the threshold to predict as "
-            "null_score_diff_threshold=NUMBER."
-        )
-    return float(threshold)
-
-
-def load_checkpoint(ckpt_path: str | Path, trust: bool = False) -> Exported:
-    """The Hugging Face model inside a training checkpoint, with its tokenizer and settings
-    (``null_score_diff_threshold=best`` resolved to the tuned threshold)."""
-    from qa_lightning.model import load_qa_model
-
-    checkpoint = read_checkpoint(ckpt_path, trust)
-    model_config = checkpoint_model_config(checkpoint, ckpt_path)
-    with tempfile.TemporaryDirectory(prefix="qa_lightning_checkpoint_") as directory:
-        source = checkpoint_model_source(checkpoint, ckpt_path, directory)
-        # the weights come from the checkpoint: build the architecture without pretrained ones
-        model = load_qa_model(source.name_or_path, True, source.config_overrides)
-        tokenizer = load_tokenizer(source.tokenizer_name_or_path)
-        check_tokenizer_fits(
-            tokenizer, source.tokenizer_name_or_path, model.config.vocab_size, ckpt_path
-        )
-    state = {
-        key.removeprefix("model."): value
-        for key, value in checkpoint["state_dict"].items()
-        if key.startswith("model.")
-    }
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ExportError(
-            f"the weights of ckpt_path='{ckpt_path}' do not fit model "
-            f"'{model_config['name_or_path']}': {str(error).splitlines()[0]}"
-        ) from error
-    saved = checkpoint_settings(checkpoint)
-    if saved.get("null_score_diff_threshold") == NULL_THRESHOLD_BEST:
-        if saved.get("version_2_with_negative"):
-            saved["null_score_diff_threshold"] = tuned_null_threshold(checkpoint, ckpt_path)
-            log.info(
-                "null_score_diff_threshold=best: exporting %s, the best_f1_thresh of the "
-                "checkpoint's last validation",
-                saved["null_score_diff_threshold"],
-            )
-        else:  # SQuAD v1.1: no null answers, the threshold is not used
-            del saved["null_score_diff_threshold"]
-    settings = InferenceSettings().updated(**saved)
-    return Exported(model.eval(), tokenizer, settings)
-
-
-def load_model_dir(model_dir: str | Path) -> Exported:
-    """An exported Hugging Face directory, loaded back (checked against its manifest, and its
-    tokenizer against the model's vocabulary)."""
-    from qa_lightning.model import load_qa_model
-
-    if not Path(model_dir).is_dir():
-        raise ConfigError(f"model_dir='{model_dir}' is not a directory.")
-    check_model_dir(model_dir)
-    tokenizer = load_tokenizer(str(model_dir))
-    check_tokenizer_fits(tokenizer, model_dir, model_vocab_size(str(model_dir)), model_dir)
-    return Exported(
-        load_qa_model(str(model_dir)).eval(), tokenizer, InferenceSettings.from_dir(model_dir)
-    )
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -478,15 +291,6 @@ def _check_onnx_config(cfg: DictConfig) -> None:
             f"format=onnx needs the package(s) {missing}: pip install 'qa-lightning[export]' "
             "(or export format=hf, which needs neither)."
         )
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers (as saved in hyperparameters) -> plain Python objects."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")

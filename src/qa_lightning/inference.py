@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,14 +23,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qa_lightning.config import PAIR_SPECIAL_TOKENS, auto_precision
+from qa_lightning.config import auto_precision, type_problem
 from qa_lightning.data.collate import MODEL_INPUTS, WindowCollator
 from qa_lightning.data.sampling import sorted_batches
-from qa_lightning.data.windowing import make_eval_windows, truncate_questions
+from qa_lightning.data.windowing import make_eval_windows, truncate_questions, windowing_problem
 from qa_lightning.errors import ConfigError, InputError
 from qa_lightning.hardware import cpu_bf16_warning, cpu_int8_warning
 from qa_lightning.integrity import manifest_problems, write_atomic
-from qa_lightning.postprocess import best_window_spans, example_null_scores
+from qa_lightning.postprocess import (
+    REFERENCE_DECODING,
+    best_window_spans,
+    decoding_problem,
+    example_null_scores,
+)
 from qa_lightning.tokenizer import check_tokenizer_fits, load_tokenizer, model_vocab_size
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,10 @@ CHUNK_BATCHES = 16
 AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 #: ``input=-`` / ``output=-``: standard input / standard output instead of a file.
 STDIO = "-"
+THRESHOLD_FIX = (
+    "must be a number (e.g. 0.0); best is resolved when a checkpoint is exported, from its last "
+    "validation."
+)
 
 
 @dataclass(frozen=True)
@@ -59,45 +68,22 @@ class InferenceSettings:
     max_length: int = 384
     stride: int = 128
     max_question_tokens: int = 64
-    n_best: int = 20
-    max_answer_length: int = 30
+    n_best: int = REFERENCE_DECODING["n_best"]
+    max_answer_length: int = REFERENCE_DECODING["max_answer_length"]
     version_2_with_negative: bool = False
-    null_score_diff_threshold: float = 0.0
+    null_score_diff_threshold: float = field(default=0.0, metadata={"fix": THRESHOLD_FIX})
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.name == "version_2_with_negative":
-                if not isinstance(value, bool):
-                    raise ConfigError(
-                        f"invalid setting {field.name}={value!r}: must be true or false."
-                    )
-            elif field.name == "null_score_diff_threshold":
-                if not (
-                    isinstance(value, int | float)
-                    and not isinstance(value, bool)
-                    and np.isfinite(value)
-                ):
-                    raise ConfigError(
-                        f"invalid setting {field.name}={value!r}: must be a number (e.g. 0.0); "
-                        "best is resolved when a checkpoint is exported, from its last "
-                        "validation."
-                    )
-            elif not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(
-                    f"invalid setting {field.name}={value!r}: must be an integer "
-                    f"(e.g. {field.name}={field.default})."
-                )
-        for name in ("max_length", "max_question_tokens", "n_best", "max_answer_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"invalid setting {name}={getattr(self, name)!r}: must be > 0.")
-        room = self.max_length - self.max_question_tokens - PAIR_SPECIAL_TOKENS
-        if not 0 <= self.stride < room:
-            raise ConfigError(
-                f"invalid setting stride={self.stride}: windows of max_length={self.max_length} "
-                f"tokens with up to max_question_tokens={self.max_question_tokens} question tokens "
-                f"leave {room} context tokens, so the stride must be in [0, {room})."
-            )
+        problem = (
+            type_problem(asdict(self), InferenceSettings)
+            or windowing_problem(self.max_length, self.stride, self.max_question_tokens)
+            or decoding_problem(self.n_best, self.max_answer_length)
+        )
+        if problem is None and not np.isfinite(self.null_score_diff_threshold):
+            problem = ("null_score_diff_threshold", self.null_score_diff_threshold, THRESHOLD_FIX)
+        if problem:
+            key, value, fix = problem
+            raise ConfigError(f"invalid setting {key}={value!r}: {fix}")
 
     @classmethod
     def from_dir(cls, directory: str | Path | None) -> InferenceSettings:

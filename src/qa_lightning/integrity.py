@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -22,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from qa_lightning.cli import is_disk_full
 from qa_lightning.errors import ResourceError
 
 #: What :func:`write_atomic` writes: text (UTF-8), bytes, or a function writing to a binary file.
@@ -59,6 +59,17 @@ def write_atomic(
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """``error``, or an exception it was raised from, says the disk (or quota) is full."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def free_space(directory: Path) -> str:

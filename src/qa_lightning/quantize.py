@@ -22,7 +22,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from qa_lightning.config import check_types
 from qa_lightning.errors import ConfigError, ExportError
 from qa_lightning.inference import (
     QUANTIZATION_METADATA_KEY,
@@ -70,18 +71,18 @@ class QuantizationRecipe:
 
     per_channel: bool = True
     reduce_range: bool = False
-    op_types: tuple[str, ...] = ("MatMul",)
-    exclude: tuple[str, ...] = (r"layer\.\d+/(output/dense|ffn/lin2)/",)  # conf/export.yaml
+    op_types: tuple[str, ...] = field(
+        default=("MatMul",), metadata={"fix": "give a list, e.g. quantization.op_types=[MatMul]."}
+    )
+    exclude: tuple[str, ...] = field(  # conf/export.yaml
+        default=(r"layer\.\d+/(output/dense|ffn/lin2)/",),
+        metadata={"fix": "give a list, e.g. quantization.exclude=[qa_outputs]."},
+    )
 
     def __post_init__(self) -> None:
-        for name in ("per_channel", "reduce_range"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(
-                    f"invalid config: quantization.{name}={getattr(self, name)!r}; use true or "
-                    "false."
-                )
+        check_types(asdict(self), QuantizationRecipe, "quantization.")
         unknown = [op for op in self.op_types if op not in DYNAMIC_OP_TYPES]
-        if not self.op_types or unknown or not all(isinstance(op, str) for op in self.op_types):
+        if not self.op_types or unknown:
             raise ConfigError(
                 f"invalid config: quantization.op_types={list(self.op_types)!r}; give a "
                 "non-empty list of operator types that dynamic quantisation handles: "
@@ -90,7 +91,7 @@ class QuantizationRecipe:
         for pattern in self.exclude:
             try:
                 re.compile(pattern)
-            except (re.error, TypeError) as error:
+            except re.error as error:
                 raise ConfigError(
                     f"invalid config: quantization.exclude entry {pattern!r} is not a regular "
                     f"expression ({error}); give node-name patterns such as [qa_outputs]."
@@ -107,17 +108,9 @@ class QuantizationRecipe:
                 f"invalid config: unknown key(s) quantization.{unknown}; the recipe takes "
                 f"{[f.name for f in fields(cls)]}."
             )
-        for name in ("op_types", "exclude"):
-            if name in values:
-                value = values[name]
-                if value is None:
-                    value = ()
-                if isinstance(value, str) or not isinstance(value, Sequence):
-                    raise ConfigError(
-                        f"invalid config: quantization.{name}={value!r}; give a list, e.g. "
-                        f"quantization.{name}=[{'MatMul' if name == 'op_types' else 'qa_outputs'}]."
-                    )
-                values[name] = tuple(value)
+        for name in ("op_types", "exclude"):  # null: none
+            if name in values and (values[name] is None or isinstance(values[name], list)):
+                values[name] = tuple(values[name] or ())
         return cls(**values)
 
 
@@ -276,7 +269,7 @@ def checkpoint_validation_file(ckpt_path: str | Path | None) -> str | None:
     """The local validation file a checkpoint's data module read, if it still exists."""
     if not ckpt_path:
         return None
-    from qa_lightning.export import read_checkpoint
+    from qa_lightning.checkpoint_reading import read_checkpoint
 
     data = read_checkpoint(ckpt_path).get("datamodule_hyper_parameters") or {}
     path = data.get("validation_file")

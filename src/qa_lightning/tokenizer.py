@@ -3,12 +3,14 @@ that a tokenizer fits its model before any work."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
 
 from qa_lightning.errors import ConfigError
+from qa_lightning.plain import plain
 
 OFFLINE_HINT = (
     "Without network access, use a local model directory (model=minilm is the sentence-"
@@ -102,22 +104,27 @@ def check_tokenizer_fits(
     )
 
 
-def model_vocab_size(name_or_path: str, config_overrides: dict[str, Any] | None = None) -> int:
-    """``vocab_size`` of the config of ``name_or_path``, updated with ``config_overrides``."""
-    from omegaconf import OmegaConf
+def load_model_config(
+    name_or_path: str, config_overrides: Mapping[str, Any] | None = None, purpose: str = ""
+) -> Any:
+    """The transformers config of ``name_or_path`` (a small file: no weights are loaded),
+    updated with ``config_overrides``; ``purpose`` (e.g. ``to check model.keep_layers``) says
+    in the error why it was read."""
     from transformers import AutoConfig
 
-    if OmegaConf.is_config(config_overrides):
-        config_overrides = OmegaConf.to_container(config_overrides, resolve=True)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, **(config_overrides or {}))
+        return AutoConfig.from_pretrained(name_or_path, **(plain(config_overrides) or {}))
     except Exception as error:  # hub, file and config errors come in many types
         raise ConfigError(
-            f"could not load the model config of '{name_or_path}' ({type(error).__name__}: "
-            f"{_first_line(error)}). Check model.name_or_path (a directory needs its "
-            f"config.json). {OFFLINE_HINT}"
+            f"could not load the model config of '{name_or_path}'"
+            f"{f' {purpose}' if purpose else ''} ({type(error).__name__}: {_first_line(error)}). "
+            f"Check model.name_or_path (a directory needs its config.json). {OFFLINE_HINT}"
         ) from error
-    return int(config.vocab_size)
+
+
+def model_vocab_size(name_or_path: str, config_overrides: Mapping[str, Any] | None = None) -> int:
+    """``vocab_size`` of the config of ``name_or_path``, updated with ``config_overrides``."""
+    return int(load_model_config(name_or_path, config_overrides).vocab_size)
 
 
 def load_model_tokenizer(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -18,14 +17,14 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.checkpointing import load_checkpoint_file, trust_setting
-from qa_lightning.cli import explain_out_of_memory, is_disk_full, report_errors
+from qa_lightning.checkpoint_reading import load_checkpoint_file, trust_setting
+from qa_lightning.cli import explain_out_of_memory, report_errors, write_results
 from qa_lightning.config import register_resolvers, validate_max_length, validate_train_config
 from qa_lightning.distill import attach_teacher_logits, check_teacher
 from qa_lightning.errors import ConfigError, ResourceError, TrainingError
 from qa_lightning.export import try_export_hf
 from qa_lightning.hardware import cpu_bf16_warning
-from qa_lightning.integrity import disk_full_error, free_space, write_atomic
+from qa_lightning.integrity import disk_full_error, free_space, is_disk_full, write_atomic
 from qa_lightning.tokenizer import load_model_tokenizer
 
 log = logging.getLogger(__name__)
@@ -34,8 +33,9 @@ register_resolvers()
 
 def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, bool]:
     """``ckpt_path`` if given, else with ``resume=true`` the run dir's last checkpoint; checked
-    to be intact and safe to load (see :func:`~qa_lightning.checkpointing.load_checkpoint_file`)
-    before any work. Returns it and the ``weights_only`` to load it with."""
+    to be intact and safe to load (see
+    :func:`~qa_lightning.checkpoint_reading.load_checkpoint_file`) before any work. Returns it and
+    the ``weights_only`` to load it with."""
     trust = trust_setting(cfg)
     if cfg.get("ckpt_path"):
         path, key = Path(cfg.ckpt_path), "ckpt_path"
@@ -201,10 +201,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("distill"):  # the teacher's logits of every training window, once (cached)
         datamodule.setup("fit")  # the other ranks: the windows rank 0 cached
         attach_teacher_logits(datamodule, cfg.distill, trainer.strategy.root_device)
+    # hyperparameters reach the loggers once, from callbacks.hparams_summary
+    # (the run dir's config_resolved.yaml holds the whole config)
     model = instantiate(cfg.model)
-    with explain_disk_full(cfg):  # the first TensorBoard events
-        for logger in trainer.loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     start = time.perf_counter()
     fit(trainer, model, datamodule, cfg, ckpt_path, weights_only)
@@ -231,12 +230,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     if not trainer.is_global_zero:  # DDP: rank 0 writes the run's files
         return metrics
-    # predictions first: a run with metrics.json is complete
-    write(
-        output_dir / "predictions.json",
-        json.dumps(model.best_predictions, indent=1, ensure_ascii=False),
-    )
-    write(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_results(output_dir, model.best_predictions, metrics, write)
     log.info(
         "best val/f1 %.2f (em %.2f) at epoch %d; run dir %s",
         model.best["f1"],

@@ -17,9 +17,9 @@ from transformers import (
     RobertaConfig,
 )
 
+from qa_lightning.checkpoint_reading import checkpoint_model_config, load_checkpoint
 from qa_lightning.config import minilm_path, validate_train_config
 from qa_lightning.errors import ConfigError
-from qa_lightning.export import checkpoint_model_config, load_checkpoint
 from qa_lightning.model import load_qa_model
 from qa_lightning.model.layers import check_keep_layers
 

@@ -13,7 +13,6 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-from qa_lightning.checkpointing import ResumableDataLoader
 from qa_lightning.data import cache
 from qa_lightning.data.collate import WindowCollator
 from qa_lightning.data.loading import load_hub_split, load_local_file
@@ -22,6 +21,7 @@ from qa_lightning.data.records import OnBadRecord, check_records
 from qa_lightning.data.sampling import (
     DistributedBatchSampler,
     LengthGroupedSampler,
+    ResumableDataLoader,
     SeededRandomSampler,
     SortedBatchSampler,
 )
@@ -81,7 +81,7 @@ class SquadDataModule(L.LightningDataModule):
         super().__init__()
         # the reader stays out of checkpoints (it would pickle Hydra's wrapper class); the run
         # dir's config_resolved.yaml records it
-        self.save_hyperparameters(ignore=["reader"])
+        self.save_hyperparameters(ignore=["reader"], logger=False)  # logged by hparams_summary
         self.reader = reader
         self.tokenizer: Any = None
         self.train_windows: datasets.Dataset | None = None

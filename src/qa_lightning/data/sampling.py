@@ -1,16 +1,18 @@
 """Batches of windows of similar length: shuffled for training, sorted for evaluation.
 
 Training batches are whole batches of a global order (a function of seed and epoch) dealt out to
-the data-parallel ranks by :class:`DistributedBatchSampler`, so that length grouping survives DDP.
+the data-parallel ranks by :class:`DistributedBatchSampler`, so that length grouping survives DDP;
+:class:`ResumableDataLoader` resumes that order in the middle of an epoch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from torch.utils.data import BatchSampler, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 from qa_lightning.errors import ConfigError
 
@@ -49,36 +51,9 @@ def length_grouped_order(
     return [int(i) for b in batch_order + ragged for i in batches[b]]
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Indices in :func:`length_grouped_order`, reshuffled each epoch (``set_epoch``)."""
-
-    def __init__(
-        self, lengths: Sequence[int], batch_size: int, seed: int = 0, longest_first: int = 1
-    ) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.longest_first = longest_first
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        yield from length_grouped_order(
-            self.lengths,
-            self.batch_size,
-            self.seed + self.epoch,
-            longest_first=self.longest_first,
-        )
-
-
-class SeededRandomSampler(Sampler[int]):
-    """A random permutation of ``range(num_windows)`` drawn from ``seed + epoch`` (``set_epoch``):
-    unlike ``RandomSampler``, a function of the epoch alone, so that a resumed epoch replays it."""
+class EpochSeededSampler(Sampler[int]):
+    """An order of ``range(num_windows)`` that is a function of ``seed + epoch`` alone
+    (Lightning calls ``set_epoch`` before each epoch), so that a resumed epoch replays it."""
 
     def __init__(self, num_windows: int, seed: int = 0) -> None:
         self.num_windows = num_windows
@@ -90,6 +65,31 @@ class SeededRandomSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_windows
+
+
+class LengthGroupedSampler(EpochSeededSampler):
+    """Indices in :func:`length_grouped_order`, reshuffled each epoch (``set_epoch``)."""
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int = 0, longest_first: int = 1
+    ) -> None:
+        super().__init__(len(lengths), seed)
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.longest_first = longest_first
+
+    def __iter__(self) -> Iterator[int]:
+        yield from length_grouped_order(
+            self.lengths,
+            self.batch_size,
+            self.seed + self.epoch,
+            longest_first=self.longest_first,
+        )
+
+
+class SeededRandomSampler(EpochSeededSampler):
+    """A random permutation of ``range(num_windows)`` drawn from ``seed + epoch``: unlike
+    ``RandomSampler``, a function of the epoch alone."""
 
     def __iter__(self) -> Iterator[int]:
         order = np.random.default_rng(self.seed + self.epoch).permutation(self.num_windows)
@@ -203,3 +203,37 @@ class SortedBatchSampler(BatchSampler):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` with the ``state_dict``/``load_state_dict`` interface that Lightning uses
+    to resume a loader in the middle of an epoch (as ``torchdata``'s ``StatefulDataLoader``).
+
+    Lightning stores :meth:`state_dict` (the batches yielded so far this epoch) in the
+    checkpoint; after :meth:`load_state_dict`, the next epoch starts by skipping that many
+    batches. The order itself must be a function of the epoch (the samplers above draw it from
+    ``seed + epoch``); under DDP every rank has
+    yielded as many batches and skips as many. The workers' base seed is drawn from the loader's
+    own ``generator``, so that starting an epoch does not draw from the global RNG (dropout).
+    """
+
+    _batches_yielded = 0
+    _batches_to_skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_yielded": self._batches_yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._batches_to_skip = int(state_dict["batches_yielded"])
+
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: nothing runs before the first batch is asked for, i.e. after Lightning
+        # has called the sampler's set_epoch for the (resumed) epoch
+        skip, self._batches_to_skip = self._batches_to_skip, 0
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches, None)
+        self._batches_yielded = skip
+        for batch in batches:
+            self._batches_yielded += 1
+            yield batch

@@ -14,9 +14,56 @@ from typing import Any
 
 import numpy as np
 
+from qa_lightning.errors import Problem
+
+#: Special tokens a (question, context) pair adds at most (RoBERTa: <s> q </s></s> c </s>).
+PAIR_SPECIAL_TOKENS = 4
 #: Offset given to tokens outside the context (question, special and padding tokens) in
 #: evaluation windows, so that offsets collate into tensors.
 NO_OFFSET = -1
+
+
+def windowing_problem(
+    max_length: int, stride: int, max_question_tokens: int, prefix: str = ""
+) -> Problem | None:
+    """The first rule that these sizes break, with keys named ``prefix + name`` (``data.`` in
+    configs), else ``None``. A window of ``max_length`` tokens keeps up to
+    ``max_question_tokens`` question tokens and :data:`PAIR_SPECIAL_TOKENS` special tokens; the
+    rest is the context's room, which the stride (the overlap of windows) must stay below: the
+    tokenizer panics otherwise."""
+    length, overlap, question = (
+        f"{prefix}{name}" for name in ("max_length", "stride", "max_question_tokens")
+    )
+    room = max_length - max_question_tokens - PAIR_SPECIAL_TOKENS
+    rules = (
+        (max_length > 0, length, max_length, "must be > 0 (e.g. 384)."),
+        (stride >= 0, overlap, stride, "must be >= 0 (e.g. 128)."),
+        (
+            stride < max_length,
+            overlap,
+            stride,
+            f"the overlap must be smaller than {length}={max_length} (e.g. 128 for 384).",
+        ),
+        (max_question_tokens > 0, question, max_question_tokens, "must be > 0 (e.g. 64)."),
+        (
+            room > 0,
+            question,
+            max_question_tokens,
+            f"windows of {length}={max_length} tokens would have no room for the context after "
+            f"{max_question_tokens} question tokens and {PAIR_SPECIAL_TOKENS} special tokens: "
+            f"lower {question} (e.g. 64) or raise {length}.",
+        ),
+        (
+            stride < room,
+            overlap,
+            stride,
+            f"windows of {length}={max_length} tokens keep up to {question}="
+            f"{max_question_tokens} question tokens, leaving {room} context tokens, so the "
+            f"stride must be below {room}, in [0, {room}): lower {overlap} or {question}, or "
+            f"raise {length}.",
+        ),
+    )
+    return next(((key, value, fix) for ok, key, value, fix in rules if not ok), None)
 
 
 def context_sequence_id(tokenizer: Any) -> int:

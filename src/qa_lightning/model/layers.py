@@ -8,14 +8,13 @@ ordinary Hugging Face directory that ``from_pretrained`` loads as a k-layer mode
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from qa_lightning.errors import ConfigError
-from qa_lightning.tokenizer import OFFLINE_HINT
+from qa_lightning.tokenizer import load_model_config
 
 #: Where encoders keep their list of layers: BERT, MiniLM, RoBERTa, ELECTRA ...; DistilBERT.
 LAYER_LISTS = (("encoder", "layer"), ("transformer", "layer"))
@@ -54,15 +53,9 @@ def check_keep_layers(keep_layers: Sequence[int] | None, num_layers: int | None 
         )
 
 
-def source_num_layers(name_or_path: str, config_overrides: dict[str, Any] | None = None) -> int:
+def source_num_layers(name_or_path: str, config_overrides: Mapping[str, Any] | None = None) -> int:
     """The number of transformer layers of ``name_or_path``'s config (with the overrides)."""
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, **(config_overrides or {}))
-    except Exception as error:  # hub, file and config errors come in many types
-        raise ConfigError(
-            f"could not read the config of model '{name_or_path}' to check {KEY} "
-            f"({type(error).__name__}). Check model.name_or_path. {OFFLINE_HINT}"
-        ) from error
+    config = load_model_config(name_or_path, config_overrides, f"to check {KEY}")
     return int(config.num_hidden_layers)
 
 
@@ -73,7 +66,6 @@ def validate_keep_layers(model: Any) -> None:
     check_keep_layers(keep_layers)
     if keep_layers is not None:
         overrides = model.get("config_overrides")
-        overrides = dict(overrides) if overrides else None
         check_keep_layers(keep_layers, source_num_layers(str(model.name_or_path), overrides))
 
 

@@ -13,19 +13,19 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from transformers import AutoConfig, AutoModelForQuestionAnswering, get_scheduler
 
-from qa_lightning.checkpointing import plain
+from qa_lightning.data.collate import MODEL_INPUTS
 from qa_lightning.distill import batch_distillation_loss, mixed_loss
 from qa_lightning.errors import ConfigError
 from qa_lightning.metrics import squad_v1_scores, squad_v2_scores
 from qa_lightning.model.layers import select_layers
 from qa_lightning.model_files import CHECKPOINT_KEY as MODEL_FILES_KEY
 from qa_lightning.model_files import model_files
+from qa_lightning.plain import plain
 from qa_lightning.postprocess import best_window_spans, example_answers, window_rows
 from qa_lightning.tokenizer import OFFLINE_HINT
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 V2_LOGGED = (
     "HasAns_f1",
     "NoAns_f1",
@@ -105,12 +105,13 @@ class QAModule(L.LightningModule):
         distill: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        config_overrides = _plain(config_overrides)  # saved as a plain dict in checkpoints
+        config_overrides = plain(config_overrides)  # saved as a plain dict in checkpoints
         keep_layers = None if keep_layers is None else list(keep_layers)
-        distill = _plain(distill)  # teacher, temperature, alpha (conf/distill/); None: no teacher
+        distill = plain(distill)  # teacher, temperature, alpha (conf/distill/); None: no teacher
         # the factories stay out of checkpoints (they would pickle Hydra's wrapper classes); the
-        # run dir's config_resolved.yaml records them
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # run dir's config_resolved.yaml records them. Loggers get the hyperparameters once, from
+        # callbacks.hparams_summary
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.model = self.load_model(name_or_path, from_scratch, config_overrides, keep_layers)
         # from_pretrained returns eval mode and Lightning keeps submodule modes: train with dropout
@@ -382,18 +383,6 @@ class QAModule(L.LightningModule):
         padding = checkpoint.get("qa_train_padding")
         if padding and self.global_rank == 0:  # the ranks' totals, counted once
             self._train_tokens, self._train_windows = padding["tokens"], padding["windows"]
-
-
-def _plain(overrides: Any) -> dict[str, Any] | None:
-    """Hydra passes DictConfig; transformers wants a plain dict."""
-    if overrides is None:
-        return None
-    try:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(overrides, resolve=True)  # type: ignore[return-value]
-    except ValueError:
-        return dict(overrides)
 
 
 def _unset_arguments(factory: Callable[..., Any], **arguments: Any) -> dict[str, Any]:
