@@ -28,21 +28,25 @@ from qa_lightning.quantize import DYNAMIC_OP_TYPES, QuantizationRecipe, quantize
 
 
 def recipes(layers: int) -> dict[str, QuantizationRecipe]:
-    """The compared recipes; ``layers``: the encoder's depth (for "last layer fp32")."""
-    last = rf"layer\.{layers - 1}/"
+    """The compared recipes; ``layers``: the encoder's depth (for "FFN output fp32 in the last
+    layers"). "fused": onnxruntime's transformer fusions first, query/key/value in the int8
+    ``Attention`` operator; "unfused": the traced graph's MatMuls only."""
+    ffn_out = r"layer\.{}/(output/dense|ffn/lin2)/"
+    half = "|".join(str(i) for i in range(layers // 2, layers))
     return {
-        "onnxruntime default (all ops, per tensor)": QuantizationRecipe(
-            per_channel=False, op_types=DYNAMIC_OP_TYPES
+        "onnxruntime default (unfused, all ops, per tensor)": QuantizationRecipe(
+            fuse=False, per_channel=False, op_types=DYNAMIC_OP_TYPES, exclude=()
         ),
-        "MatMul, per tensor": QuantizationRecipe(per_channel=False),
-        "MatMul, per channel (default)": QuantizationRecipe(),
-        "MatMul, per channel, reduce_range": QuantizationRecipe(reduce_range=True),
-        "MatMul, per channel, QA head fp32": QuantizationRecipe(exclude=("qa_outputs",)),
-        "MatMul, per channel, last layer + head fp32": QuantizationRecipe(
-            exclude=(last, "qa_outputs")
+        "unfused MatMul, per channel": QuantizationRecipe(fuse=False, exclude=()),
+        "unfused MatMul, per channel, FFN output fp32": QuantizationRecipe(fuse=False),
+        "fused, per channel": QuantizationRecipe(exclude=()),
+        "fused, per channel, QA head fp32": QuantizationRecipe(exclude=("qa_outputs",)),
+        "fused, per channel, FFN output fp32 (default)": QuantizationRecipe(),
+        "fused, per channel, FFN output fp32 in the last half": QuantizationRecipe(
+            exclude=(ffn_out.format(f"({half})"),)
         ),
-        "MatMul, per channel, FFN output fp32": QuantizationRecipe(
-            exclude=(r"layer\.\d+/output/dense",)
+        "fused, per channel, FFN output fp32 in the first half": QuantizationRecipe(
+            exclude=(ffn_out.format(f"({'|'.join(str(i) for i in range(layers // 2))})"),)
         ),
     }
 

@@ -11,10 +11,13 @@ best of ``--repeats``:
   start-up), with the answers compared with fp32 PyTorch's.
 
 bf16-mixed runs only on CPUs with native bf16. Ratios are against fp32 PyTorch in the same run.
-Tokenisation of the data module is not timed; model loading is not timed.
+``--students DIR ...`` adds other Hugging Face directories with the same tokenizer (e.g. a
+distilled student of ``--model``), timed as PyTorch fp32 and bf16-mixed against the same baseline
+(their int8 exports go into ``--int8``). Tokenisation of the data module is not timed; model
+loading is not timed.
 
     python benchmarks/int8_throughput.py --model RUN/hf_model [--repeats 2] [--limit N] \
-        [--int8 EXPORT_DIR ...] [--no-predict]
+        [--int8 EXPORT_DIR ...] [--students STUDENT/hf_model ...] [--no-predict]
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def main() -> None:
     parser.add_argument(
         "--int8", nargs="+", default=None, help="int8 export directories (default: export one)"
     )
+    parser.add_argument(
+        "--students", nargs="+", default=(), help="more PyTorch model directories to time"
+    )
     parser.add_argument("--limit", type=int, default=None, help="questions (default: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each; the fastest counts")
@@ -96,6 +102,23 @@ def main() -> None:
         if cpu_supports_bf16():
             bf16 = TorchLogits(exported.model, "cpu", "bf16-mixed")
             variants["PyTorch bf16-mixed"] = (torch_module, "bf16-mixed", bf16)
+        for student_dir in args.students:
+            student = load_model_dir(student_dir)
+            name = (
+                f"{Path(student_dir).parent.name} ({student.model.config.num_hidden_layers} layers)"
+            )
+            module = QAModule(student_dir, **decoding)
+            variants[f"{name}, PyTorch fp32"] = (
+                module,
+                "32-true",
+                TorchLogits(student.model, "cpu", "32-true"),
+            )
+            if cpu_supports_bf16():
+                variants[f"{name}, PyTorch bf16-mixed"] = (
+                    module,
+                    "bf16-mixed",
+                    TorchLogits(student.model, "cpu", "bf16-mixed"),
+                )
         for name, path in {"ONNX fp32": fp32_path, **int8_paths}.items():
             module = OnnxQAModule(str(path), name_or_path=onnx_dir, **decoding)
             variants[name] = (module, "32-true", module.model.session)
@@ -165,7 +188,7 @@ def main() -> None:
     )
     for name, recipe in recipes.items():
         ratio = base_eval / seconds[name, "eval"]
-        keys = ("per_channel", "reduce_range", "op_types", "exclude")
+        keys = ("fuse", "per_channel", "reduce_range", "op_types", "exclude")
         print(
             f"{name}: {', '.join(f'{k}={recipe.get(k)}' for k in keys)}; evaluation vs fp32 "
             f"PyTorch {ratio:.2f}x (>= 2.0x: {common.verdict(ratio, 2.0)})"

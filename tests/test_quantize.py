@@ -100,9 +100,11 @@ def test_int8_export_quantises_the_weights_and_records_recipe_and_agreement(
     for name in ("model.onnx", "config.json", "tokenizer.json", "qa_lightning.json"):
         assert (out_dir / name).is_file(), name
     counts = op_counts(out_dir / "model.onnx")
-    # fp32 stay the attention products of activations and, by default, each layer's FFN output
-    assert counts["MatMulInteger"] == WEIGHT_MATMULS - 2
-    assert counts["MatMul"] == 2 * 2 + 2
+    # fused: one int8 Attention a layer (query, key, value and the attention products); int8
+    # MatMuls: attention output, FFN in, QA head; by default each layer's FFN output stays fp32
+    assert counts["QAttention"] == 2
+    assert counts["MatMulInteger"] == WEIGHT_MATMULS - 2 * 3 - 2
+    assert counts["MatMul"] == 2
 
     saved = json.loads((out_dir / "qa_lightning.json").read_text())
     # the training run's windowing still travels with the model, beside the recipe
@@ -110,11 +112,16 @@ def test_int8_export_quantises_the_weights_and_records_recipe_and_agreement(
     record = saved["quantization"]
     assert record["type"] == "int8"
     assert (record["per_channel"], record["reduce_range"]) == (True, False)
-    assert record["op_types"] == ["MatMul"]
-    assert sorted(record["excluded_nodes"]) == [  # the FFN outputs' MatMul and bias Add
-        f"/model/bert/encoder/layer.{i}/output/dense/{op}"
-        for i in (0, 1)
-        for op in ("Add", "MatMul")
+    assert record["op_types"] == ["MatMul", "Attention"] and record["fuse"] is True
+    assert record["fused_operators"] == {
+        "EmbedLayerNormalization": 1,
+        "Attention": 2,
+        "BiasGelu": 2,
+        "SkipLayerNormalization": 4,  # two a layer: after attention and after the FFN
+    }
+    # the FFN outputs' MatMuls (their bias Add is fused into the skip layer norm)
+    assert record["excluded_nodes"] == [
+        f"/model/bert/encoder/layer.{i}/output/dense/MatMul" for i in (0, 1)
     ]
     agreement = record["agreement"]
     # by default the checkpoint's validation file: the 30 demo questions
@@ -218,7 +225,7 @@ def test_an_onnx_file_without_its_tokenizer_is_a_clear_error(compose_eval, tmp_p
 
 
 def test_excluded_nodes_stay_fp32(random_onnx, tmp_path: Path) -> None:
-    recipe = QuantizationRecipe(exclude=("qa_outputs",))
+    recipe = QuantizationRecipe(fuse=False, exclude=("qa_outputs",))
     record = quantize_onnx(random_onnx, tmp_path / "int8.onnx", recipe)
     # the head's MatMul and its bias Add (which has nothing to quantise)
     assert record["excluded_nodes"] == ["/model/qa_outputs/MatMul", "/model/qa_outputs/Add"]
@@ -226,7 +233,9 @@ def test_excluded_nodes_stay_fp32(random_onnx, tmp_path: Path) -> None:
     assert counts["MatMulInteger"] == WEIGHT_MATMULS - 1
     assert counts["MatMul"] == 2 * 2 + 1
     # per tensor: one scale per weight, against one per output channel
-    per_tensor = quantize_onnx(random_onnx, tmp_path / "t.onnx", QuantizationRecipe(False))
+    per_tensor = quantize_onnx(
+        random_onnx, tmp_path / "t.onnx", QuantizationRecipe(fuse=False, per_channel=False)
+    )
     assert per_tensor["per_channel"] is False
     assert _scale_sizes(tmp_path / "t.onnx") == {1}
     # hidden size 32 (query, key, value, outputs), 64 (FFN in); the head (2) was excluded
@@ -303,6 +312,7 @@ def test_missing_quantization_tools_stop_the_export_with_exit_2(
         (["quantize=int8", "quantization.op_types=[]"], "quantization.op_types=[]"),
         (["quantize=int8", "quantization.op_types=MatMul"], "give a list, e.g."),
         (["quantize=int8", "quantization.per_channel=maybe"], "quantization.per_channel='maybe'"),
+        (["quantize=int8", "quantization.fuse=1"], "quantization.fuse=1; must be true or false"),
         (["quantize=int8", "quantization.exclude=['(']"], "is not a regular expression"),
         (["quantize=int8", "+quantization.symmetric=true"], "unknown key(s) quantization."),
         (["quantize=int8", "validation_samples=0"], "validation_samples=0"),

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,7 @@ def _write_onnx(exported: Exported, onnx_path: Path, opset: int) -> None:
     wrapper = _LogitsOnly(exported.model, names).eval()
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in (*names, *OUTPUT_NAMES)}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _eager_attention(exported.model):
             # the check against onnxruntime below guards what these warnings are about
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
@@ -217,6 +218,20 @@ def _write_onnx(exported: Exported, onnx_path: Path, opset: int) -> None:
         ) from error
     exported.model.eval()  # export restores the wrapper's mode: make sure no dropout is left on
     log.info("traced the ONNX graph with inputs %s", names)
+
+
+@contextmanager
+def _eager_attention(model: torch.nn.Module) -> Iterator[None]:
+    """The model with Transformers' eager attention (matmul, softmax, matmul) while it is traced:
+    onnxruntime's transformer optimiser fuses that pattern into its ``Attention`` operator, and
+    onnxruntime runs it faster than the traced ``scaled_dot_product_attention`` graph, whose mask
+    handling it cannot fuse (docs/int8.md). The logits are the same up to float rounding."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def onnx_max_abs_diff(exported: Exported, onnx_path: str | Path) -> float:

@@ -4,8 +4,10 @@
 
 Dynamic quantisation stores the weights of the chosen operators as int8 (per output channel or per
 tensor) and quantises their inputs to uint8 at run time, per tensor, from each batch's range;
-everything else stays fp32. The recipe (``quantization.*`` in ``conf/export.yaml``) decides the
-accuracy: per-channel int8 on MatMul weights only is the default, chosen by measurement (see
+everything else stays fp32. Before quantising, onnxruntime's transformer fusions put each layer's
+attention into one ``Attention`` operator (quantised whole). The recipe (``quantization.*`` in
+``conf/export.yaml``) decides speed and accuracy; the default, chosen by measurement, is
+per-channel int8 weights with each layer's feed-forward output projection kept fp32 (see
 ``docs/int8.md``). It is recorded under ``"quantization"`` in the export's ``qa_lightning.json``
 and in the ONNX model's metadata, which :class:`~qa_lightning.inference.OnnxLogits` reads to warn
 on CPUs without int8 dot products.
@@ -63,16 +65,21 @@ SETTINGS_KEY = "quantization"
 class QuantizationRecipe:
     """How the weights are quantised (``quantization.*`` in ``conf/export.yaml``).
 
+    ``fuse``: onnxruntime's transformer fusions first (attention, embedding and skip layer
+    norms, bias + GELU into single operators), so that one ``Attention`` operator, quantised
+    whole, replaces each layer's query/key/value products and softmax;
     ``per_channel``: one int8 scale per output channel of each weight, else one per tensor;
     ``reduce_range``: 7-bit weights (avoids saturation on CPUs without VNNI, costs accuracy);
     ``op_types``: the operator types quantised; ``exclude``: regular expressions of node names
     kept fp32 (e.g. ``qa_outputs`` for the QA head, ``layer\\.5\\.`` for the last layer).
     """
 
+    fuse: bool = True
     per_channel: bool = True
     reduce_range: bool = False
     op_types: tuple[str, ...] = field(
-        default=("MatMul",), metadata={"fix": "give a list, e.g. quantization.op_types=[MatMul]."}
+        default=("MatMul", "Attention"),
+        metadata={"fix": "give a list, e.g. quantization.op_types=[MatMul]."},
     )
     exclude: tuple[str, ...] = field(  # conf/export.yaml
         default=(r"layer\.\d+/(output/dense|ffn/lin2)/",),
@@ -156,11 +163,17 @@ def quantize_onnx(
     fp32_path: str | Path, int8_path: str | Path, recipe: QuantizationRecipe
 ) -> dict[str, Any]:
     """Quantise ``fp32_path`` dynamically into ``int8_path`` (int8 weights, uint8 activations
-    quantised at run time); the recipe, as recorded in the model's metadata, is returned."""
+    quantised at run time), after :func:`fuse_transformer_graph` with ``recipe.fuse``; the
+    recipe, as recorded in the model's metadata, is returned."""
     tools = quantization_tools()
     import onnx
     import onnxruntime
 
+    int8_path = Path(int8_path)
+    fused = int8_path.with_name(int8_path.name + ".fused")
+    if recipe.fuse:
+        fused_ops = fuse_transformer_graph(fp32_path, fused)
+        fp32_path = fused
     exclude = excluded_nodes(fp32_path, recipe.exclude)
     record = {
         "type": "int8",
@@ -172,7 +185,8 @@ def quantize_onnx(
         "excluded_nodes": exclude,
         "onnxruntime": onnxruntime.__version__,
     }
-    int8_path = Path(int8_path)
+    if recipe.fuse:
+        record["fused_operators"] = fused_ops
     partial = int8_path.with_name(int8_path.name + ".part")
     root = logging.getLogger()  # onnxruntime's quantiser logs to the root logger
     root.addFilter(_quantizer_warnings)
@@ -185,6 +199,8 @@ def quantize_onnx(
             reduce_range=recipe.reduce_range,
             weight_type=tools.QuantType.QInt8,
             nodes_to_exclude=exclude,
+            # the fused operators are onnxruntime's own, unknown to ONNX shape inference
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         model = onnx.load(str(partial))
         entry = model.metadata_props.add()
@@ -202,7 +218,39 @@ def quantize_onnx(
     finally:
         root.removeFilter(_quantizer_warnings)
         partial.unlink(missing_ok=True)
+        fused.unlink(missing_ok=True)
     return record
+
+
+def fuse_transformer_graph(onnx_path: str | Path, fused_path: str | Path) -> dict[str, int]:
+    """Write ``onnx_path`` with onnxruntime's transformer fusions (BERT patterns, which BERT,
+    RoBERTa, DistilBERT and MiniLM exports traced with eager attention match) to ``fused_path``;
+    returns how many operators of each fused type it has. The attention heads and hidden size
+    come from the export's ``config.json`` beside ``onnx_path`` (else onnxruntime guesses them from
+    the graph). A graph with nothing to fuse is written as it is."""
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AutoConfig
+
+    num_heads = hidden_size = 0
+    if (Path(onnx_path).parent / "config.json").is_file():
+        config = AutoConfig.from_pretrained(Path(onnx_path).parent)
+        # attribute maps give DistilBERT's n_heads and dim these names
+        num_heads, hidden_size = config.num_attention_heads, config.hidden_size
+    try:
+        model = optimize_model(
+            str(onnx_path), "bert", num_heads, hidden_size, opt_level=0, only_onnxruntime=False
+        )
+        model.save_model_to_file(str(fused_path))
+    except OSError:
+        raise
+    except Exception as error:  # the optimiser raises many types
+        raise ExportError(
+            f"onnxruntime's transformer optimiser failed on '{onnx_path}' ({type(error).__name__}: "
+            f"{str(error).strip()[:200]}); export without it: quantization.fuse=false."
+        ) from error
+    counts = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    log.info("fused operators before quantisation: %s", counts or "none")
+    return counts
 
 
 def _quantizer_warnings(record: logging.LogRecord) -> bool:
