@@ -37,11 +37,15 @@ def recipes(layers: int) -> dict[str, QuantizationRecipe]:
         "onnxruntime default (unfused, all ops, per tensor)": QuantizationRecipe(
             fuse=False, per_channel=False, op_types=DYNAMIC_OP_TYPES, exclude=()
         ),
-        "unfused MatMul, per channel": QuantizationRecipe(fuse=False, exclude=()),
-        "unfused MatMul, per channel, FFN output fp32": QuantizationRecipe(fuse=False),
-        "fused, per channel": QuantizationRecipe(exclude=()),
+        "unfused MatMul, per channel": QuantizationRecipe(fuse=False),
+        "unfused MatMul, per channel, FFN output fp32": QuantizationRecipe(
+            fuse=False, exclude=(ffn_out.format(r"\d+"),)
+        ),
+        "fused, per channel (default)": QuantizationRecipe(),
         "fused, per channel, QA head fp32": QuantizationRecipe(exclude=("qa_outputs",)),
-        "fused, per channel, FFN output fp32 (default)": QuantizationRecipe(),
+        "fused, per channel, FFN output fp32": QuantizationRecipe(
+            exclude=(ffn_out.format(r"\d+"),)
+        ),
         "fused, per channel, FFN output fp32 in the last half": QuantizationRecipe(
             exclude=(ffn_out.format(f"({half})"),)
         ),

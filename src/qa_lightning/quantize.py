@@ -7,10 +7,10 @@ tensor) and quantises their inputs to uint8 at run time, per tensor, from each b
 everything else stays fp32. Before quantising, onnxruntime's transformer fusions put each layer's
 attention into one ``Attention`` operator (quantised whole). The recipe (``quantization.*`` in
 ``conf/export.yaml``) decides speed and accuracy; the default, chosen by measurement, is
-per-channel int8 weights with each layer's feed-forward output projection kept fp32 (see
-``docs/int8.md``). It is recorded under ``"quantization"`` in the export's ``qa_lightning.json``
-and in the ONNX model's metadata, which :class:`~qa_lightning.inference.OnnxLogits` reads to warn
-on CPUs without int8 dot products.
+per-channel int8 weights of every fused ``Attention`` and MatMul (see ``docs/int8.md``). It is
+recorded under ``"quantization"`` in the export's ``qa_lightning.json`` and in the ONNX model's
+metadata, which :class:`~qa_lightning.inference.OnnxLogits` reads to warn on CPUs without int8
+dot products.
 
 The export compares the int8 model's best answers and logits with fp32 PyTorch on a sample of
 validation questions (``validation_file``, by default the checkpoint's) and warns when fewer than
@@ -82,7 +82,7 @@ class QuantizationRecipe:
         metadata={"fix": "give a list, e.g. quantization.op_types=[MatMul]."},
     )
     exclude: tuple[str, ...] = field(  # conf/export.yaml
-        default=(r"layer\.\d+/(output/dense|ffn/lin2)/",),
+        default=(),
         metadata={"fix": "give a list, e.g. quantization.exclude=[qa_outputs]."},
     )
 
