@@ -137,3 +137,16 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({capability}), " + (
         f"{torch.get_num_threads()} threads"
     )
+
+
+def cpu_trainer(precision: str = "32-true") -> lightning.pytorch.Trainer:
+    """A quiet one-device CPU ``Trainer`` for ``validate`` (no logger, checkpoints or bars)."""
+    return lightning.pytorch.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )

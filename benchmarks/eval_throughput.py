@@ -77,18 +77,6 @@ def project_evaluate(
     return module.last_predictions, module.last_scores
 
 
-def cpu_trainer(precision: str) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 def project_postprocess(examples, index, start_logits, end_logits, offsets) -> dict[str, str]:
     """``QAModule``'s post-processing (``validation_step`` + ``on_validation_epoch_end``)."""
     spans = best_window_spans(start_logits, end_logits, offsets, N_BEST, MAX_ANSWER_LENGTH)
@@ -145,7 +133,7 @@ def main() -> None:
     runs = {"32-true": ("32-true", True), "32-true padded": ("32-true", False)}
     if cpu_supports_bf16():
         runs["bf16-mixed"] = ("bf16-mixed", True)
-    trainers = {precision: cpu_trainer(precision) for precision, _ in runs.values()}
+    trainers = {precision: common.cpu_trainer(precision) for precision, _ in runs.values()}
     reference_logits(model.eval(), features.select(range(1)), 1)  # warm-up
     reference_s, project_s = float("inf"), dict.fromkeys(runs, float("inf"))
     project, project_scores = {}, {}

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import common
-import lightning as L
 
 from qa_lightning.checkpoint_reading import load_checkpoint, load_model_dir
 from qa_lightning.data import SquadDataModule
@@ -55,19 +54,8 @@ def recipes(layers: int) -> dict[str, QuantizationRecipe]:
     }
 
 
-def cpu_trainer() -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        precision="32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 def score(module: QAModule, datamodule: SquadDataModule) -> tuple[dict[str, float], dict]:
-    cpu_trainer().validate(module, datamodule=datamodule, verbose=False)
+    common.cpu_trainer().validate(module, datamodule=datamodule, verbose=False)
     return module.last_scores, module.last_predictions
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import common
-import lightning as L
 
 from qa_lightning.checkpoint_reading import load_model_dir
 from qa_lightning.data import SquadDataModule
@@ -40,18 +39,6 @@ from qa_lightning.model.onnx_model import OnnxQAModule
 from qa_lightning.quantize import QuantizationRecipe, quantize_onnx
 
 BASELINE = "PyTorch fp32"
-
-
-def cpu_trainer(precision: str) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
 
 
 def main() -> None:
@@ -122,7 +109,7 @@ def main() -> None:
         for name, path in {"ONNX fp32": fp32_path, **int8_paths}.items():
             module = OnnxQAModule(str(path), name_or_path=onnx_dir, **decoding)
             variants[name] = (module, "32-true", module.model.session)
-        trainers = {p: cpu_trainer(p) for _, p, _ in variants.values()}
+        trainers = {p: common.cpu_trainer(p) for _, p, _ in variants.values()}
 
         examples = datamodule.val_examples
         questions, contexts = examples["question"][:], examples["context"][:]
