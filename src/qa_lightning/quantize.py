@@ -171,28 +171,26 @@ def quantize_onnx(
 
     int8_path = Path(int8_path)
     fused = int8_path.with_name(int8_path.name + ".fused")
-    if recipe.fuse:
-        fused_ops = fuse_transformer_graph(fp32_path, fused)
-        fp32_path = fused
-    exclude = excluded_nodes(fp32_path, recipe.exclude)
-    record = {
+    partial = int8_path.with_name(int8_path.name + ".part")
+    record: dict[str, Any] = {
         "type": "int8",
         "method": "onnxruntime dynamic quantisation: int8 weights, uint8 activations "
         "quantised at run time",
         **asdict(recipe),
         "op_types": list(recipe.op_types),
         "exclude": list(recipe.exclude),
-        "excluded_nodes": exclude,
         "onnxruntime": onnxruntime.__version__,
     }
-    if recipe.fuse:
-        record["fused_operators"] = fused_ops
-    partial = int8_path.with_name(int8_path.name + ".part")
     root = logging.getLogger()  # onnxruntime's quantiser logs to the root logger
     root.addFilter(_quantizer_warnings)
     try:
+        source = fp32_path
+        if recipe.fuse:
+            record["fused_operators"] = fuse_transformer_graph(fp32_path, fused)
+            source = fused
+        record["excluded_nodes"] = exclude = excluded_nodes(source, recipe.exclude)
         tools.quantize_dynamic(
-            str(fp32_path),
+            str(source),
             str(partial),
             op_types_to_quantize=list(recipe.op_types),
             per_channel=recipe.per_channel,
@@ -207,8 +205,8 @@ def quantize_onnx(
         entry.key, entry.value = QUANTIZATION_METADATA_KEY, json.dumps(record)
         onnx.save(model, str(partial))
         os.replace(partial, int8_path)
-    except OSError:
-        raise  # disk full or unwritable: the export reports it with out_dir
+    except (OSError, ExportError):
+        raise  # disk full or unwritable: the export reports it with out_dir; the fusion's own
     except Exception as error:  # the quantiser raises many types
         raise ExportError(
             f"onnxruntime could not quantise '{fp32_path}' ({type(error).__name__}: "
