@@ -1,0 +1,515 @@
+"""The HTTP server: a LitServe API on :class:`~qa_lightning.inference.QuestionAnswerer`, so that
+its answers are ``predict``'s (same windowing, decoding, null answers and settings).
+
+``POST /predict`` answers ``{"question", "context", "top_k"?, "id"?}`` with ``{"id",
+"answers": [{"answer", "score", "start", "end"}]}``; ``GET /health``; ``GET /info`` (LitServe's,
+with the model's description as its ``model``); ``GET /`` a page to ask questions in a browser.
+
+Requests are checked by FastAPI against :class:`AnswerRequest` in the API server process, before
+they reach the model's queue, so that a bad request is answered 422/413 on its own and never
+fails the batch it would have joined. Batches are formed by :class:`GreedyBatchingLoop`: the
+inference worker takes every request already waiting (up to ``max_batch_size``, waiting at most
+``batch_timeout`` for more), and one :meth:`QuestionAnswerer.answer` call runs their windows
+together. An idle server answers a lone request at once.
+
+No ``from __future__ import annotations`` here: LitServe reads the request model from
+:meth:`QuestionAnsweringAPI.decode_request`'s annotation at run time.
+"""
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from queue import Empty
+from typing import Any, ClassVar
+
+import litserve as ls
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qa_lightning.errors import ConfigError
+from qa_lightning.inference import Answer, QuestionAnswerer, TorchLogits
+
+log = logging.getLogger(__name__)
+
+#: Hosts LitServe binds: the loopback address (the default), or every interface.
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")
+#: Paths that answer without the API key: the page (it holds no data; it sends the key its user
+#: types) and the health check (for load balancers and probes).
+OPEN_PATHS = ("/", "/health")
+API_KEY_HEADER = "X-API-Key"
+#: pydantic error types of :class:`AnswerRequest` that make a request too large (413), not
+#: malformed (422).
+TOO_LARGE = {"context_too_long"}
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+class AnswerRequest(BaseModel):
+    """The body of ``POST /predict``; FastAPI checks it before the request is queued."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    question: StrictStr
+    context: StrictStr
+    top_k: StrictInt | None = None
+    id: Any = None
+
+    #: limits, set by :func:`build_server` in the process that checks requests
+    max_context_chars: ClassVar[int] = 100_000
+    max_top_k: ClassVar[int] = 20
+
+    @field_validator("question", "context")
+    @classmethod
+    def _text(cls, value: str, info: Any) -> str:
+        name = info.field_name
+        if not value.strip():
+            what = "empty" if not value else "only whitespace"
+            raise PydanticCustomError("blank", f"the {name} is {what}; give a non-empty {name}")
+        if name == "context" and len(value) > cls.max_context_chars:
+            raise PydanticCustomError(
+                "context_too_long",
+                f"the context is {len(value)} characters, more than the server's limit "
+                f"serve.max_context_chars={cls.max_context_chars}; send a shorter context",
+            )
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= cls.max_top_k:
+            raise PydanticCustomError(
+                "top_k_range",
+                f"top_k={value} is out of range; give an integer from 1 to {cls.max_top_k}",
+            )
+        return value
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def problem_text(error: dict[str, Any]) -> str:
+    """One pydantic error of a ``POST /predict`` body as a sentence naming the field."""
+    kind, message = error["type"], error["msg"]
+    where = [str(part) for part in error["loc"] if part != "body"]
+    if kind == "json_invalid":
+        detail = (error.get("ctx") or {}).get("error", message)
+        return f"the body is not valid JSON ({detail})"
+    if not where:
+        if isinstance(error.get("input"), bytes):  # a Content-Type other than JSON
+            return (
+                "the body is not JSON: send a JSON object with the header "
+                "Content-Type: application/json"
+            )
+        if kind == "missing":
+            return 'the body is empty; send a JSON object {"question": ..., "context": ...}'
+        return (
+            f"the body is {json_type(error.get('input'))}, not a JSON object "
+            '{"question": ..., "context": ...}'
+        )
+    name = where[0]
+    if kind == "missing":
+        return f"the {name} is missing"
+    if kind in ("string_type", "int_type"):
+        expected = "a string" if kind == "string_type" else "an integer"
+        return f"{name} must be {expected}, not {json_type(error.get('input'))}"
+    if kind.startswith("int_"):
+        return f"top_k must be an integer from 1 to {AnswerRequest.max_top_k}"
+    return message if kind in ("blank", "context_too_long", "top_k_range") else f"{name}: {message}"
+
+
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 (or 413 for a context over the limit) with ``detail`` naming every problem."""
+    errors = error.errors()
+    problems = list(dict.fromkeys(problem_text(e) for e in errors))
+    status = 413 if any(e["type"] in TOO_LARGE for e in errors) else 422
+    return JSONResponse({"detail": "; ".join(problems) + "."}, status_code=status)
+
+
+def http_error(messages: dict[int, str]) -> Any:
+    """An exception handler: LitServe's and Starlette's HTTP errors as JSON ``{"detail"}``,
+    with ``messages`` replacing the terse texts of some statuses (413, 504)."""
+
+    async def handler(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        detail = messages.get(error.status_code, error.detail)
+        return JSONResponse(
+            {"detail": detail}, status_code=error.status_code, headers=error.headers
+        )
+
+    return handler
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What the server answers with: a Hugging Face directory (``model_dir``), a training
+    checkpoint (``ckpt_path``) or an ONNX export (``onnx_path``), with the settings of
+    ``predict`` (``batch_size``, ``precision``, and windowing/decoding overrides)."""
+
+    backend: str
+    device: str = "auto"
+    model_dir: str | None = None
+    ckpt_path: str | None = None
+    onnx_path: str | None = None
+    batch_size: int = 32
+    precision: str = "auto"
+    trust_checkpoint: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, device: str = "cpu") -> QuestionAnswerer:
+        """The answerer, on ``device`` (the PyTorch backends)."""
+        if self.backend == "onnx":
+            return QuestionAnswerer.from_onnx(
+                self.onnx_path, self.model_dir, self.batch_size, **self.settings
+            )
+        if self.ckpt_path:
+            from qa_lightning.checkpoint_reading import load_checkpoint
+            from qa_lightning.inference import resolve_device, resolve_precision
+
+            device = resolve_device(device)
+            precision = resolve_precision(self.precision, device)
+            exported = load_checkpoint(self.ckpt_path, self.trust_checkpoint)
+            logits_fn = TorchLogits(exported.model, device, precision)
+            return QuestionAnswerer(
+                exported.tokenizer,
+                logits_fn,
+                exported.settings.updated(**self.settings),
+                self.batch_size,
+                equal_length=logits_fn.device.type == "cpu",
+            )
+        return QuestionAnswerer.from_model_dir(
+            self.model_dir, device, self.batch_size, self.precision, **self.settings
+        )
+
+
+def describe(answerer: QuestionAnswerer, source: ModelSource) -> dict[str, Any]:
+    """``/info``'s ``model``: the model, backend, precision, settings and version."""
+    from qa_lightning import __version__
+
+    if source.backend == "torch":
+        from qa_lightning.inference import resolve_device, resolve_precision
+
+        precision = resolve_precision(source.precision, resolve_device(source.device))
+    else:
+        precision = "int8" if getattr(answerer.logits_fn, "quantization", None) else "fp32"
+    return {
+        "model": source.onnx_path or source.ckpt_path or source.model_dir,
+        "backend": source.backend,
+        "precision": precision,
+        "settings": asdict(answerer.settings),
+        "batch_size": answerer.batch_size,
+        "version": __version__,
+    }
+
+
+# -- batching ----------------------------------------------------------------------------------
+
+
+class GreedyBatchingLoop(BatchedLoop):
+    """LitServe's batched loop, collecting a batch the way a dynamic batcher with a queue
+    delay does: it waits (without polling) for a first request, then takes the requests already
+    queued, waiting up to ``batch_timeout`` for more, up to ``max_batch_size``. With
+    ``batch_timeout=0`` a request that finds the worker idle is answered at once, and requests
+    that arrive while a batch runs form the next one."""
+
+    #: how long the worker blocks on an empty queue before it looks again (for the shutdown)
+    idle_wait = 1.0
+
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any):
+        timed_out, payloads = [], []
+        deadline = None
+        while len(payloads) < lit_api.max_batch_size:
+            try:
+                if deadline is None:
+                    request = request_queue.get(timeout=self.idle_wait)
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining > 0:
+                        request = request_queue.get(timeout=remaining)
+                    else:
+                        request = request_queue.get_nowait()
+            except Empty:
+                break
+            if request == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            queue_id, uid, submitted, body = request
+            limit = lit_api.request_timeout
+            if limit not in (None, False, -1) and time.monotonic() - submitted > limit:
+                timed_out.append((queue_id, uid))
+            else:
+                payloads.append((queue_id, uid, body))
+            if deadline is None:
+                deadline = time.monotonic() + lit_api.batch_timeout
+        return payloads, timed_out
+
+
+class QuestionAnsweringAPI(ls.LitAPI):
+    """The LitServe API: a request is ``(question, context, top_k, id)``; a batch of them is
+    answered by one :meth:`QuestionAnswerer.answer` call (their windows batched together)."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        max_batch_size: int = 16,
+        batch_timeout: float = 0.0,
+        api_key: str | None = None,
+    ) -> None:
+        super().__init__(
+            max_batch_size=max_batch_size,
+            batch_timeout=batch_timeout,
+            api_path="/predict",
+            loop=GreedyBatchingLoop(),
+        )
+        self.source = source
+        self.api_key = api_key or None
+
+    def setup(self, device: str) -> None:
+        self.answerer = self.source.load(device)
+        log.info("answering on %s: %s", device, describe(self.answerer, self.source))
+
+    def authorize(self, request: Request) -> None:
+        """LitServe's authentication hook: with an API key, every path but :data:`OPEN_PATHS`
+        needs it in the ``X-API-Key`` header (401 otherwise)."""
+        if self.api_key is None or request.url.path in OPEN_PATHS:
+            return
+        given = request.headers.get(API_KEY_HEADER, "")
+        if not secrets.compare_digest(given.encode(), self.api_key.encode()):
+            raise HTTPException(
+                401,
+                f"missing or wrong API key: send it in the {API_KEY_HEADER} header "
+                "(the server's serve.api_key).",
+            )
+
+    def decode_request(self, request: AnswerRequest) -> tuple[str, str, int, Any]:
+        return request.question, request.context, request.top_k or 1, request.id
+
+    def batch(self, inputs: list[tuple[str, str, int, Any]]) -> list[tuple[str, str, int, Any]]:
+        return list(inputs)
+
+    def predict(self, requests: list[tuple[str, str, int, Any]]) -> list[Any]:
+        """The answers of each request (or the exception that answering it alone raised: one
+        request the model cannot answer does not fail the others of its batch)."""
+        questions, contexts, top_ks, ids = (list(column) for column in zip(*requests))
+        try:
+            found = self.answerer.answer(questions, contexts, max(top_ks))
+        except Exception:
+            log.exception("answering a batch of %d failed; answering one by one", len(questions))
+            found = [self._answer_alone(q, c, k) for q, c, k in zip(questions, contexts, top_ks)]
+        return [
+            (qid, answers if isinstance(answers, Exception) else answers[:k])
+            for qid, answers, k in zip(ids, found, top_ks, strict=True)
+        ]
+
+    def _answer_alone(self, question: str, context: str, top_k: int) -> list[Answer] | Exception:
+        try:
+            return self.answerer.answer([question], [context], top_k)[0]
+        except Exception as error:
+            log.exception("answering one request failed")
+            return error
+
+    def unbatch(self, output: list[Any]) -> list[Any]:
+        return output
+
+    def encode_response(self, output: tuple[Any, Any]) -> Any:
+        qid, answers = output
+        if isinstance(answers, Exception):
+            return JSONResponse(
+                {"detail": f"the model could not answer this request ({type(answers).__name__})"},
+                status_code=500,
+            )
+        return {"id": qid, "answers": [answer.as_dict() for answer in answers]}
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """``serve.*`` of ``conf/serve.yaml``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 16
+    batch_timeout: float = 0.0
+    workers_per_device: int = 1
+    timeout: float = 30.0
+    max_context_chars: int = 100_000
+    max_body_bytes: int = 1_000_000
+    max_top_k: int = 20
+    api_key: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("host", self.host in HOSTS, f"use one of {', '.join(HOSTS)}"),
+            ("port", _is_int(self.port) and 1024 <= self.port <= 65535, "use 1024-65535"),
+            ("max_batch_size", _is_int(self.max_batch_size) and self.max_batch_size > 0, "> 0"),
+            ("workers_per_device", _is_int(self.workers_per_device) and self.workers_per_device > 0, "> 0"),
+            ("timeout", _is_number(self.timeout) and self.timeout > 0, "seconds > 0"),
+            ("batch_timeout", _is_number(self.batch_timeout) and 0 <= self.batch_timeout < self.timeout,
+             "seconds, >= 0 and < serve.timeout"),
+            ("max_context_chars", _is_int(self.max_context_chars) and self.max_context_chars > 0, "> 0"),
+            ("max_body_bytes", _is_int(self.max_body_bytes) and self.max_body_bytes > 0, "> 0"),
+            ("max_top_k", _is_int(self.max_top_k) and self.max_top_k > 0, "> 0"),
+        ]  # fmt: skip
+        for key, ok, fix in checks:
+            if not ok:
+                raise ConfigError(
+                    f"invalid config: serve.{key}={getattr(self, key)!r}; {fix} "
+                    "(see conf/serve.yaml)."
+                )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def page_html() -> str:
+    """The page served at ``/``: plain HTML and JavaScript, no external assets."""
+    return resources.files("qa_lightning.serving").joinpath("page.html").read_text("utf-8")
+
+
+class QAServer(ls.LitServer):
+    """LitServe's server, keeping its API server processes so that SIGTERM can drain them
+    (see :meth:`drain`)."""
+
+    api_servers: dict[int, Any] = {}
+    sockets: list[Any] = []
+
+    def _start_server(self, port, num_uvicorn_servers, log_level, sockets, *args, **kwargs):
+        self.sockets = list(sockets or [])
+        self.api_servers = super()._start_server(
+            port, num_uvicorn_servers, log_level, sockets, *args, **kwargs
+        )
+        return self.api_servers
+
+    def drain(self) -> None:
+        """Stop accepting requests and finish those in flight (uvicorn's graceful shutdown of
+        each API server, while the inference workers still answer), then stop LitServe.
+
+        The listening socket is shut down first: other processes (LitServe's manager) hold
+        copies of it, so closing it would leave new connections waiting; shut down, they are
+        refused at once."""
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for process in self.api_servers.values():
+            if process.is_alive() and hasattr(process, "terminate"):
+                process.terminate()
+        for process in self.api_servers.values():
+            process.join(self.uvicorn_graceful_timeout + 5)
+        if self._shutdown_event is not None:
+            self._shutdown_event.set()
+
+
+def build_server(
+    source: ModelSource, serve: ServeSettings, model_info: dict[str, Any]
+) -> QAServer:
+    """The LitServe server: the API, its limits, error bodies, ``/info`` and the page."""
+    AnswerRequest.max_context_chars = serve.max_context_chars
+    AnswerRequest.max_top_k = serve.max_top_k
+    api = QuestionAnsweringAPI(source, serve.max_batch_size, serve.batch_timeout, serve.api_key)
+    server = QAServer(
+        api,
+        accelerator=_accelerator(source),
+        devices=1,
+        workers_per_device=serve.workers_per_device,
+        timeout=serve.timeout,
+        max_payload_size=serve.max_body_bytes,
+        model_metadata={**model_info, "serve": _public(serve)},
+    )
+    app = server.app
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(
+        StarletteHTTPException,
+        http_error(
+            {
+                413: f"the body is larger than the server's limit serve.max_body_bytes="
+                f"{serve.max_body_bytes} bytes; send a shorter context.",
+                504: f"the request waited more than serve.timeout={serve.timeout} s for the "
+                "model (the server is overloaded); retry later.",
+            }
+        ),
+    )
+    # the page replaces LitServe's "litserve running" at /
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
+    page = page_html()
+
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
+    return server
+
+
+def _accelerator(source: ModelSource) -> str:
+    """LitServe's accelerator for the source's ``device``: the ONNX backend runs on the CPU."""
+    import torch
+
+    from qa_lightning.inference import resolve_device
+
+    if source.backend == "onnx":
+        return "cpu"
+    return torch.device(resolve_device(source.device)).type
+
+
+def _public(serve: ServeSettings) -> dict[str, Any]:
+    shown = asdict(serve)
+    shown["api_key"] = serve.api_key is not None
+    return shown
+
+
+def run_server(server: QAServer, serve: ServeSettings) -> None:
+    """Run until SIGTERM (or Ctrl-C): on SIGTERM stop accepting, finish the requests in flight
+    and return."""
+    main_pid = os.getpid()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:  # a forked child before it installs its own handlers
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        log.info("SIGTERM: finishing the requests in flight, then stopping")
+        threading.Thread(target=server.drain, name="qa-drain", daemon=True).start()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        server.run(
+            host=serve.host,
+            port=serve.port,
+            log_level=serve.log_level,
+            generate_client_file=False,
+            num_api_servers=1,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
