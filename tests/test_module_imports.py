@@ -13,7 +13,7 @@ import qa_lightning
 PACKAGE = Path(qa_lightning.__file__).parent
 #: ``python -m qa_lightning.<name>`` commands, and the modules only they use (error reporting,
 #: checkpoint writing and the training callbacks, int8 export).
-ENTRY_POINTS = {"train", "evaluate", "predict", "export", "report"}
+ENTRY_POINTS = {"train", "evaluate", "predict", "export", "report", "serve"}
 ENTRY_HELPERS = {"cli", "checkpointing", "callbacks", "quantize"}
 ENTRY_SIDE = ENTRY_POINTS | ENTRY_HELPERS
 CORE = (

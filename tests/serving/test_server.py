@@ -94,10 +94,16 @@ def test_concurrent_requests_batched_answer_as_alone(server, answerer) -> None:
 
 
 BAD_REQUESTS = [
-    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422,
-     "not valid JSON"),
-    ({"content": b"question=a", "headers": {"content-type": "text/plain"}}, 422,
-     "Content-Type: application/json"),
+    (
+        {"content": b"{not json", "headers": {"content-type": "application/json"}},
+        422,
+        "not valid JSON",
+    ),
+    (
+        {"content": b"question=a", "headers": {"content-type": "text/plain"}},
+        422,
+        "Content-Type: application/json",
+    ),
     ({"content": b""}, 422, "the body is empty"),
     ({"json": [1, 2]}, 422, "the body is an array, not a JSON object"),
     ({"json": {"context": "x"}}, 422, "the question is missing"),
@@ -105,19 +111,37 @@ BAD_REQUESTS = [
     ({"json": {"question": "", "context": "x"}}, 422, "the question is empty"),
     ({"json": {"question": "Who?", "context": " \n"}}, 422, "the context is only whitespace"),
     ({"json": {"question": 5, "context": "x"}}, 422, "question must be a string, not a number"),
-    ({"json": {"question": "Who?", "context": ["x"]}}, 422,
-     "context must be a string, not an array"),
-    ({"json": {"question": "Who?", "context": "x", "top_k": "2"}}, 422,
-     "top_k must be an integer, not a string"),
-    ({"json": {"question": "Who?", "context": "x", "top_k": True}}, 422,
-     "top_k must be an integer, not a boolean"),
-    ({"json": {"question": "Who?", "context": "x", "top_k": 0}}, 422,
-     "top_k=0 is out of range; give an integer from 1 to 5"),
+    (
+        {"json": {"question": "Who?", "context": ["x"]}},
+        422,
+        "context must be a string, not an array",
+    ),
+    (
+        {"json": {"question": "Who?", "context": "x", "top_k": "2"}},
+        422,
+        "top_k must be an integer, not a string",
+    ),
+    (
+        {"json": {"question": "Who?", "context": "x", "top_k": True}},
+        422,
+        "top_k must be an integer, not a boolean",
+    ),
+    (
+        {"json": {"question": "Who?", "context": "x", "top_k": 0}},
+        422,
+        "top_k=0 is out of range; give an integer from 1 to 5",
+    ),
     ({"json": {"question": "Who?", "context": "x", "top_k": 6}}, 422, "top_k=6 is out of range"),
-    ({"json": {"question": "Who?", "context": "x" * 100_001}}, 413,
-     "serve.max_context_chars=100000"),
-    ({"json": {"question": "Who?", "context": "x" * 1_100_000}}, 413,
-     "serve.max_body_bytes=1000000"),
+    (
+        {"json": {"question": "Who?", "context": "x" * 100_001}},
+        413,
+        "serve.max_context_chars=100000",
+    ),
+    (
+        {"json": {"question": "Who?", "context": "x" * 1_100_000}},
+        413,
+        "serve.max_body_bytes=1000000",
+    ),
 ]
 
 

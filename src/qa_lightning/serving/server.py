@@ -314,12 +314,15 @@ class QuestionAnsweringAPI(ls.LitAPI):
     def predict(self, requests: list[tuple[str, str, int, Any]]) -> list[Any]:
         """The answers of each request (or the exception that answering it alone raised: one
         request the model cannot answer does not fail the others of its batch)."""
-        questions, contexts, top_ks, ids = (list(column) for column in zip(*requests))
+        questions, contexts, top_ks, ids = (list(column) for column in zip(*requests, strict=True))
         try:
             found = self.answerer.answer(questions, contexts, max(top_ks))
         except Exception:
             log.exception("answering a batch of %d failed; answering one by one", len(questions))
-            found = [self._answer_alone(q, c, k) for q, c, k in zip(questions, contexts, top_ks)]
+            found = [
+                self._answer_alone(q, c, k)
+                for q, c, k in zip(questions, contexts, top_ks, strict=True)
+            ]
         return [
             (qid, answers if isinstance(answers, Exception) else answers[:k])
             for qid, answers, k in zip(ids, found, top_ks, strict=True)
@@ -365,24 +368,38 @@ class ServeSettings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        checks = [
-            ("host", self.host in HOSTS, f"use one of {', '.join(HOSTS)}"),
-            ("port", _is_int(self.port) and 1024 <= self.port <= 65535, "use 1024-65535"),
-            ("max_batch_size", _is_int(self.max_batch_size) and self.max_batch_size > 0, "> 0"),
-            ("workers_per_device", _is_int(self.workers_per_device) and self.workers_per_device > 0, "> 0"),
-            ("timeout", _is_number(self.timeout) and self.timeout > 0, "seconds > 0"),
-            ("batch_timeout", _is_number(self.batch_timeout) and 0 <= self.batch_timeout < self.timeout,
-             "seconds, >= 0 and < serve.timeout"),
-            ("max_context_chars", _is_int(self.max_context_chars) and self.max_context_chars > 0, "> 0"),
-            ("max_body_bytes", _is_int(self.max_body_bytes) and self.max_body_bytes > 0, "> 0"),
-            ("max_top_k", _is_int(self.max_top_k) and self.max_top_k > 0, "> 0"),
-        ]  # fmt: skip
-        for key, ok, fix in checks:
-            if not ok:
-                raise ConfigError(
-                    f"invalid config: serve.{key}={getattr(self, key)!r}; {fix} "
-                    "(see conf/serve.yaml)."
-                )
+        for key, fix in self.problems():
+            raise ConfigError(
+                f"invalid config: serve.{key}={getattr(self, key)!r}; must be {fix} "
+                "(see conf/serve.yaml)."
+            )
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``(key, what it must be)`` of each setting out of its range."""
+        found = [
+            (key, "an integer > 0")
+            for key in POSITIVE_INTS
+            if not (_is_int(getattr(self, key)) and getattr(self, key) > 0)
+        ]
+        if self.host not in HOSTS:
+            found.append(("host", f"one of {', '.join(HOSTS)} (127.0.0.1: this machine only)"))
+        if not (_is_int(self.port) and 1024 <= self.port <= 65535):
+            found.append(("port", "an integer from 1024 to 65535"))
+        if not (_is_number(self.timeout) and self.timeout > 0):
+            found.append(("timeout", "seconds > 0"))
+        elif not (_is_number(self.batch_timeout) and 0 <= self.batch_timeout < self.timeout):
+            found.append(("batch_timeout", "seconds, >= 0 and < serve.timeout"))
+        return found
+
+
+#: ``serve.*`` settings that are integers > 0.
+POSITIVE_INTS = (
+    "max_batch_size",
+    "workers_per_device",
+    "max_context_chars",
+    "max_body_bytes",
+    "max_top_k",
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -432,9 +449,7 @@ class QAServer(ls.LitServer):
             self._shutdown_event.set()
 
 
-def build_server(
-    source: ModelSource, serve: ServeSettings, model_info: dict[str, Any]
-) -> QAServer:
+def build_server(source: ModelSource, serve: ServeSettings, model_info: dict[str, Any]) -> QAServer:
     """The LitServe server: the API, its limits, error bodies, ``/info`` and the page."""
     AnswerRequest.max_context_chars = serve.max_context_chars
     AnswerRequest.max_top_k = serve.max_top_k
