@@ -10,9 +10,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.cli import report_errors
-from qa_lightning.config import register_resolvers
-from qa_lightning.errors import ConfigError
+from qa_lightning.cli import CONFIG_PATH, report_errors
+from qa_lightning.core.config import register_resolvers
+from qa_lightning.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -80,7 +80,7 @@ def serve(cfg: DictConfig) -> None:
     server.run_server(app, settings)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="serve")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")
 def main(cfg: DictConfig) -> None:
     report_errors(lambda: serve(cfg))
 

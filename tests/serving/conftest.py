@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qa_lightning.inference import InferenceSettings, QuestionAnswerer
+from qa_lightning.answers.settings import InferenceSettings
+from qa_lightning.serving.answerer import QuestionAnswerer
 from tests.conftest import ROOT, save_tiny_model_dir
 
 pytest.importorskip("litserve", reason="serving needs the serve extra (litserve)")

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import pytest
 
 from qa_lightning import __version__
-from qa_lightning.inference import resolve_precision
+from qa_lightning.model.logits import resolve_precision
 from tests.serving.conftest import SETTINGS, httpx
 
 CONTEXT = (

@@ -9,8 +9,8 @@ from queue import Queue
 
 import pytest
 
-from qa_lightning.errors import ConfigError
-from qa_lightning.inference import Answer
+from qa_lightning.answers.ranking import Answer
+from qa_lightning.core.errors import ConfigError
 from tests.conftest import run_cli
 
 server = pytest.importorskip("qa_lightning.serving.server", reason="needs the serve extra")

@@ -1,1 +1,3 @@
-"""Serving answers: the HTTP server (:mod:`qa_lightning.serving.server`) and its page."""
+"""Answering with a trained model: the answerer (PyTorch or ONNX), jsonl input and output,
+exports (Hugging Face, ONNX, int8), and the HTTP server (:mod:`qa_lightning.serving.server`,
+needs the serve extra) with its page."""

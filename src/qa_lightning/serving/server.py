@@ -1,5 +1,5 @@
-"""The HTTP server: a LitServe API on :class:`~qa_lightning.inference.QuestionAnswerer`, so that
-its answers are ``predict``'s (same windowing, decoding, null answers and settings).
+"""The HTTP server: a LitServe API on :class:`~qa_lightning.serving.answerer.QuestionAnswerer`,
+so that its answers are ``predict``'s (same windowing, decoding, null answers and settings).
 
 ``POST /predict`` answers ``{"question", "context", "top_k"?, "id"?}`` with ``{"id",
 "answers": [{"answer", "score", "start", "end"}]}``; ``GET /health``; ``GET /info`` (LitServe's,
@@ -39,8 +39,10 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, field_validato
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qa_lightning.errors import ConfigError
-from qa_lightning.inference import Answer, QuestionAnswerer, TorchLogits
+from qa_lightning.answers.ranking import Answer
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.model.logits import TorchLogits, resolve_device, resolve_precision
+from qa_lightning.serving.answerer import QuestionAnswerer
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +190,7 @@ class ModelSource:
                 self.onnx_path, self.model_dir, self.batch_size, **self.settings
             )
         if self.ckpt_path:
-            from qa_lightning.checkpoint_reading import load_checkpoint
-            from qa_lightning.inference import resolve_device, resolve_precision
+            from qa_lightning.runs.checkpoint_reading import load_checkpoint
 
             device = resolve_device(device)
             precision = resolve_precision(self.precision, device)
@@ -212,8 +213,6 @@ def describe(answerer: QuestionAnswerer, source: ModelSource) -> dict[str, Any]:
     from qa_lightning import __version__
 
     if source.backend == "torch":
-        from qa_lightning.inference import resolve_device, resolve_precision
-
         precision = resolve_precision(source.precision, resolve_device(source.device))
     else:
         precision = "int8" if getattr(answerer.logits_fn, "quantization", None) else "fp32"
@@ -490,8 +489,6 @@ def build_server(source: ModelSource, serve: ServeSettings, model_info: dict[str
 def _accelerator(source: ModelSource) -> str:
     """LitServe's accelerator for the source's ``device``: the ONNX backend runs on the CPU."""
     import torch
-
-    from qa_lightning.inference import resolve_device
 
     if source.backend == "onnx":
         return "cpu"
