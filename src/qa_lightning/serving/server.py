@@ -210,7 +210,7 @@ class ModelSource:
 
 def describe(answerer: QuestionAnswerer, source: ModelSource) -> dict[str, Any]:
     """``/info``'s ``model``: the model, backend, precision, settings and version."""
-    from qa_lightning import __version__
+    from importlib.metadata import version
 
     if source.backend == "torch":
         precision = resolve_precision(source.precision, resolve_device(source.device))
@@ -222,7 +222,7 @@ def describe(answerer: QuestionAnswerer, source: ModelSource) -> dict[str, Any]:
         "precision": precision,
         "settings": asdict(answerer.settings),
         "batch_size": answerer.batch_size,
-        "version": __version__,
+        "version": version("qa-lightning"),
     }
 
 
