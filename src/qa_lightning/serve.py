@@ -56,6 +56,7 @@ def model_source(cfg: DictConfig) -> Any:
         precision=str(cfg.precision),
         trust_checkpoint=bool(cfg.get("trust_checkpoint")),
         settings={k: v for k, v in settings.items() if v is not None},
+        threads=cfg.get("threads"),
     )
 
 

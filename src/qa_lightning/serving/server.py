@@ -182,9 +182,15 @@ class ModelSource:
     precision: str = "auto"
     trust_checkpoint: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    #: torch's intra-op threads (``None``: torch's default, one per core)
+    threads: int | None = None
 
     def load(self, device: str = "cpu") -> QuestionAnswerer:
         """The answerer, on ``device`` (the PyTorch backends)."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         if self.backend == "onnx":
             return QuestionAnswerer.from_onnx(
                 self.onnx_path, self.model_dir, self.batch_size, **self.settings
