@@ -57,6 +57,7 @@ def model_source(cfg: DictConfig) -> Any:
         trust_checkpoint=bool(cfg.get("trust_checkpoint")),
         settings={k: v for k, v in settings.items() if v is not None},
         threads=cfg.get("threads"),
+        equal_length=cfg.get("equal_length"),
     )
 
 

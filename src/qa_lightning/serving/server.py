@@ -184,6 +184,9 @@ class ModelSource:
     settings: dict[str, Any] = field(default_factory=dict)
     #: torch's intra-op threads (``None``: torch's default, one per core)
     threads: int | None = None
+    #: batch only windows of one length, unpadded (``None``: as ``predict``, on CPUs); ``False``
+    #: pads windows of several lengths into one batch: fewer, larger forward passes
+    equal_length: bool | None = None
 
     def load(self, device: str = "cpu") -> QuestionAnswerer:
         """The answerer, on ``device`` (the PyTorch backends)."""
@@ -192,8 +195,10 @@ class ModelSource:
 
             torch.set_num_threads(self.threads)
         if self.backend == "onnx":
-            return QuestionAnswerer.from_onnx(
-                self.onnx_path, self.model_dir, self.batch_size, **self.settings
+            return self._batching(
+                QuestionAnswerer.from_onnx(
+                    self.onnx_path, self.model_dir, self.batch_size, **self.settings
+                )
             )
         if self.ckpt_path:
             from qa_lightning.runs.checkpoint_reading import load_checkpoint
@@ -202,15 +207,30 @@ class ModelSource:
             precision = resolve_precision(self.precision, device)
             exported = load_checkpoint(self.ckpt_path, self.trust_checkpoint)
             logits_fn = TorchLogits(exported.model, device, precision)
-            return QuestionAnswerer(
-                exported.tokenizer,
-                logits_fn,
-                exported.settings.updated(**self.settings),
-                self.batch_size,
-                equal_length=logits_fn.device.type == "cpu",
+            return self._batching(
+                QuestionAnswerer(
+                    exported.tokenizer,
+                    logits_fn,
+                    exported.settings.updated(**self.settings),
+                    self.batch_size,
+                    equal_length=logits_fn.device.type == "cpu",
+                )
             )
-        return QuestionAnswerer.from_model_dir(
-            self.model_dir, device, self.batch_size, self.precision, **self.settings
+        return self._batching(
+            QuestionAnswerer.from_model_dir(
+                self.model_dir, device, self.batch_size, self.precision, **self.settings
+            )
+        )
+
+    def _batching(self, answerer: QuestionAnswerer) -> QuestionAnswerer:
+        if self.equal_length is None or self.equal_length == answerer.equal_length:
+            return answerer
+        return QuestionAnswerer(
+            answerer.tokenizer,
+            answerer.logits_fn,
+            answerer.settings,
+            answerer.batch_size,
+            equal_length=self.equal_length,
         )
 
 
