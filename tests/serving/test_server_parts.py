@@ -156,3 +156,13 @@ def test_serve_error_is_one_paragraph_exit_2() -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert "give exactly one of model_dir=PATH" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_equal_length_setting_rebuilds_the_answerer_batching(tokenizer) -> None:
+    from qa_lightning.serving.answerer import QuestionAnswerer
+
+    base = QuestionAnswerer(tokenizer, FakeAnswerer(), equal_length=True)
+    assert server.ModelSource(backend="torch")._batching(base) is base
+    padded = server.ModelSource(backend="torch", equal_length=False)._batching(base)
+    assert padded.equal_length is False and padded.logits_fn is base.logits_fn
+    assert (padded.settings, padded.batch_size) == (base.settings, base.batch_size)
