@@ -196,7 +196,9 @@ class ValidationAnswers(Callback):
         return answer_rows(chosen["id"], chosen["question"], golds, answers)
 
 
-def log_answers(loggers: Iterable[Logger], rows: Sequence[AnswerRow], table: str, step: int) -> None:
+def log_answers(
+    loggers: Iterable[Logger], rows: Sequence[AnswerRow], table: str, step: int
+) -> None:
     """The answers ``table`` (markdown) and ``rows`` to each logger that takes text or tables."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
@@ -211,7 +213,7 @@ def log_answers(loggers: Iterable[Logger], rows: Sequence[AnswerRow], table: str
 def log_run_files(loggers: Iterable[Logger], paths: Iterable[Path]) -> None:
     """The run's files (``metrics.json``, ``hf_model/`` ...) recorded as artefacts by the
     loggers that keep them: MLflow (each under its name) and W&B (one ``run_files``
-    artefact)."""
+    artefact, then the W&B run is finished: its offline files are complete)."""
     paths = [Path(p) for p in paths if p and Path(p).exists()]
     for logger in loggers:
         if isinstance(logger, MLFlowLogger):
@@ -230,4 +232,4 @@ def log_run_files(loggers: Iterable[Logger], paths: Iterable[Path]) -> None:
                 else:
                     artifact.add_file(str(path))
             logger.experiment.log_artifact(artifact)
-
+            logger.experiment.finish()
