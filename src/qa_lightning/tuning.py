@@ -31,16 +31,29 @@ def find_lr(
     loggers get). Returns what ``metrics.json`` records: the suggestion, the learning rate the run
     trains with, and the plot's path."""
     configured = float(model.hparams.lr)
-    finder = Tuner(trainer).lr_find(
-        model,
-        datamodule=datamodule,
-        min_lr=tune.min_lr,
-        max_lr=tune.max_lr,
-        num_training=tune.num_training,
-        mode=tune.mode,
-        early_stop_threshold=tune.early_stop_threshold,
-        update_attr=False,
-    )
+    # The finder's fit would stop at max_epochs (short epochs of a small data set) before its
+    # num_training steps, validate at each epoch end, and finalize the run's loggers when it ends
+    # (TensorBoard's hparams.yaml written empty, the MLflow run marked finished): it runs with
+    # enough epochs (one step each at least; it replaces the schedule), no validation, no loggers.
+    loop, every, loggers = trainer.fit_loop, trainer.check_val_every_n_epoch, trainer.loggers
+    max_epochs = loop.max_epochs
+    trainer.loggers = []
+    loop.max_epochs = max(max_epochs or 1, tune.num_training)
+    trainer.check_val_every_n_epoch = 2**31 - 1
+    try:
+        finder = Tuner(trainer).lr_find(
+            model,
+            datamodule=datamodule,
+            min_lr=tune.min_lr,
+            max_lr=tune.max_lr,
+            num_training=tune.num_training,
+            mode=tune.mode,
+            early_stop_threshold=tune.early_stop_threshold,
+            update_attr=False,
+        )
+    finally:
+        loop.max_epochs, trainer.check_val_every_n_epoch = max_epochs, every
+        trainer.loggers = loggers
     suggestion = finder.suggestion() if finder is not None else None
     result: dict[str, Any] = {"lr_suggestion": suggestion, "lr": configured, "plot": None}
     if suggestion is None:
