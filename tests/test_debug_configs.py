@@ -11,8 +11,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qa_lightning.errors import TrainingError
-from qa_lightning.monitoring import OverfitCheck
+from qa_lightning.core.errors import TrainingError
+from qa_lightning.runs.monitoring import OverfitCheck
 from qa_lightning.train import train
 from tests.conftest import TINY_OVERRIDES
 

@@ -17,19 +17,19 @@ from lightning.pytorch.callbacks import EarlyStopping, RichModelSummary, RichPro
 from omegaconf import DictConfig, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qa_lightning.callbacks import flatten
-from qa_lightning.data.loading import load_local_file
-from qa_lightning.metrics import squad_v1_scores
-from qa_lightning.monitoring import (
+from qa_lightning.answers.metrics import squad_v1_scores
+from qa_lightning.answers.table import (
     ANSWER_COLUMNS,
     AnswerRow,
     answer_rows,
     answers_table,
-    early_stopping,
     spread_indices,
 )
+from qa_lightning.data.loading import load_local_file
+from qa_lightning.runs.callbacks import flatten
+from qa_lightning.runs.monitoring import early_stopping
 from qa_lightning.train import train
-from tests.conftest import CONF_DIR, TINY_OVERRIDES
+from tests.conftest import CONF_DIR, ROOT, TINY_OVERRIDES
 
 MAX_EPOCHS = 5
 
@@ -85,7 +85,7 @@ def test_early_stopped_run_writes_the_best_epochs_files(tracked) -> None:
     predictions = json.loads((run_dir / "predictions.json").read_text())
     references = {
         r["id"]: r["answers"]["text"]
-        for r in load_local_file(str(CONF_DIR.parent / "resources/demo/validation.json"))
+        for r in load_local_file(str(ROOT / "src/qa_lightning/resources/demo/validation.json"))
     }
     assert squad_v1_scores(predictions, references)["f1"] == pytest.approx(best["f1"])
     assert (run_dir / "hf_model" / "config.json").is_file()

@@ -13,7 +13,7 @@ from typing import Any
 
 import datasets
 
-from qa_lightning.integrity import file_manifest, manifest_problems, staged_directory
+from qa_lightning.core.integrity import file_manifest, manifest_problems, staged_directory
 
 log = logging.getLogger(__name__)
 

@@ -5,21 +5,25 @@ artefacts (MLflow, W&B). Configured in ``conf/callbacks/`` and ``conf/debug/``."
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
+from qa_lightning.answers.settings import InferenceSettings
+from qa_lightning.answers.table import (
+    ANSWER_COLUMNS,
+    AnswerRow,
+    answer_rows,
+    answers_table,
+    spread_indices,
+)
+from qa_lightning.core.errors import TrainingError
 from qa_lightning.data.collate import MODEL_INPUTS
-from qa_lightning.errors import TrainingError
-from qa_lightning.inference import InferenceSettings, QuestionAnswerer
-from qa_lightning.metrics import f1_score
 
 log = logging.getLogger(__name__)
 
@@ -63,67 +67,6 @@ class OverfitCheck(Callback):
         )
 
 
-#: The columns of the answers table.
-ANSWER_COLUMNS = ("id", "question", "gold", "answer", "probability", "f1")
-
-
-@dataclass(frozen=True)
-class AnswerRow:
-    """One question of the answers table: its gold answers and the model's best answer."""
-
-    id: str
-    question: str
-    gold: tuple[str, ...]
-    answer: str
-    probability: float
-    f1: float
-
-    def cells(self) -> list[Any]:
-        """The row's values in :data:`ANSWER_COLUMNS` order (gold answers joined by `` / ``)."""
-        gold = " / ".join(dict.fromkeys(self.gold))
-        return [self.id, self.question, gold, self.answer, round(self.probability, 4), self.f1]
-
-
-def answer_rows(
-    ids: Sequence[str],
-    questions: Sequence[str],
-    golds: Sequence[Sequence[str]],
-    answers: Sequence[tuple[str, float]],
-) -> list[AnswerRow]:
-    """Rows of (best answer, its probability) per question, each scored with SQuAD F1 in percent
-    against its best-matching gold answer (an empty gold list: a v2 question without answer)."""
-    rows = []
-    for qid, question, gold, (answer, probability) in zip(
-        ids, questions, golds, answers, strict=True
-    ):
-        references = list(gold) or [""]
-        f1 = max(f1_score(answer, r) for r in references)
-        rows.append(AnswerRow(qid, question, tuple(gold), answer, probability, round(100 * f1, 2)))
-    return rows
-
-
-def _cell(value: Any) -> str:
-    """A markdown table cell: pipes escaped, line breaks as spaces."""
-    return " ".join(str(value).split()).replace("|", "\\|")
-
-
-def answers_table(rows: Iterable[AnswerRow], title: str = "") -> str:
-    """A markdown table of ``rows`` (TensorBoard's TEXT tab renders it), under ``title``."""
-    lines = [f"**{title}**", ""] if title else []
-    lines.append("| " + " | ".join(ANSWER_COLUMNS) + " |")
-    lines.append("|" + "---|" * len(ANSWER_COLUMNS))
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(v) for v in row.cells()) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def spread_indices(total: int, count: int) -> list[int]:
-    """``count`` indices spread evenly over ``range(total)`` (all of them when fewer)."""
-    if total <= 0 or count <= 0:
-        return []
-    return sorted({int(i) for i in np.linspace(0, total - 1, min(count, total))})
-
-
 class _ModuleLogits:
     """The training module's model as the answerer's logits function, in the trainer's
     precision (the same autocast as the validation step)."""
@@ -145,10 +88,16 @@ class ValidationAnswers(Callback):
     questions (spread over the set) with the model as it is, and logs the table of gold answer,
     best answer, its probability and F1 as ``val/answers``: markdown to TensorBoard's TEXT tab
     (``add_text``), a table to loggers with ``log_table`` (W&B), a markdown file
-    ``answers/step-NNNNNN.md`` to MLflow. Answers come from the windowing and decoding of
-    ``predict``, so the best answer is the one validation scored."""
+    ``answers/step-NNNNNN.md`` to MLflow.
 
-    def __init__(self, num_questions: int = 10) -> None:
+    ``answerer`` makes the question answerer from ``(tokenizer, logits_fn, settings,
+    batch_size=, equal_length=)``: ``predict``'s
+    :class:`~qa_lightning.serving.answerer.QuestionAnswerer` in ``conf/callbacks/default.yaml``
+    (given by the config: this part does not import ``serving``), so the best answer is the one
+    validation scored."""
+
+    def __init__(self, answerer: Callable[..., Any], num_questions: int = 10) -> None:
+        self.make_answerer = answerer
         self.num_questions = num_questions
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -178,7 +127,7 @@ class ValidationAnswers(Callback):
             version_2_with_negative=bool(hp.get("version_2_with_negative", False)),
             null_score_diff_threshold=threshold if isinstance(threshold, int | float) else 0.0,
         )
-        answerer = QuestionAnswerer(
+        answerer = self.make_answerer(
             trainer.datamodule.tokenizer,
             _ModuleLogits(trainer, pl_module),
             settings,

@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.tuner import Tuner
 from omegaconf import DictConfig
 
-from qa_lightning.callbacks import HyperparametersSummary
+from qa_lightning.runs.callbacks import HyperparametersSummary
 
 log = logging.getLogger(__name__)
 
