@@ -55,6 +55,7 @@ def test_profiler_writes_its_report_to_the_run_dir(compose_train) -> None:
     assert "run_training_epoch" in text and "SingleDeviceStrategy.training_step" in text
 
 
+@pytest.mark.slow  # 20 steps and 10 validations
 def test_overfit_fits_the_same_batches(compose_train) -> None:
     epochs, max_loss = 10, 2.5
     cfg = debug_run(

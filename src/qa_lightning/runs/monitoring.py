@@ -101,13 +101,15 @@ class ValidationAnswers(Callback):
         self.num_questions = num_questions
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or self.num_questions <= 0:
+        if trainer.sanity_checking or self.num_questions <= 0 or not trainer.loggers:
             return
-        datamodule = trainer.datamodule
-        examples = getattr(datamodule, "val_examples", None)
-        if examples is None or not trainer.loggers:
+        examples = getattr(trainer.datamodule, "val_examples", None)
+        if examples is None:
             return
+        # every rank answers (a sharded model's forward is collective); rank 0 logs
         rows = self.answer(trainer, pl_module, examples)
+        if not trainer.is_global_zero:
+            return
         title = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         log_answers(trainer.loggers, rows, answers_table(rows, title), trainer.global_step)
 
