@@ -80,7 +80,7 @@ class Phases(Callback):
 
 
 def child(overrides: list[str], output_dir: str, cache_dir: str) -> None:
-    """One training run in this process; prints its peaks (GB) and metrics as one json line."""
+    """One training run in this process; prints its peaks (GiB) and metrics as one json line."""
     from hydra import compose, initialize_config_module
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -101,7 +101,7 @@ def child(overrides: list[str], output_dir: str, cache_dir: str) -> None:
     wall = time.perf_counter() - start
     sampler.stopped.set()
     sampler.join()
-    gb = {phase: kib / 1024**2 for phase, kib in sampler.peaks.items()}
+    gb = {phase: kib / 1024**2 for phase, kib in sampler.peaks.items()}  # GiB
     result = {
         "peaks_gb": gb,
         "vmhwm_gb": rss_kib("VmHWM") / 1024**2,
@@ -184,7 +184,7 @@ def main() -> None:
                 ]
             )
     common.print_table(
-        f"Peak RSS (GB) of a training run by phase: {args.model}, {questions} train questions "
+        f"Peak RSS (GiB) of a training run by phase: {args.model}, {questions} train questions "
         f"({args.copies}x {common.TRAIN_FILE.name}), validation {common.VALIDATION_FILE.name}, "
         f"batch {args.batch_size}, trainer={args.trainer} ({common.machine()})",
         ["steps", "precision", *PHASES, "peak", "VmHWM", "wall s"],
