@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qa_lightning.errors import QAError, ResourceError
-from qa_lightning.integrity import write_atomic
+from qa_lightning.integrity import disk_full_cause, free_space, write_atomic
 
 T = TypeVar("T")
 log = logging.getLogger("qa_lightning")
@@ -49,6 +49,8 @@ def user_error(error: BaseException) -> str | None:
 
     if isinstance(error, QAError):
         return one_paragraph(str(error))
+    if full := disk_full_cause(error):
+        return one_paragraph(str(disk_full_anywhere(full)))
     cause = error.__cause__
     if isinstance(error, InstantiationException | OmegaConfBaseException) and (
         qa_error := _qa_error_in_chain(error)
@@ -71,6 +73,19 @@ def user_error(error: BaseException) -> str | None:
             "add --cfg job to the command to print the composed config."
         )
     return None
+
+
+def disk_full_anywhere(error: BaseException) -> ResourceError:
+    """A full disk that no writer translated (see :func:`~qa_lightning.integrity.writing`): the
+    file the system named, else the working directory, with its free space."""
+    path = Path(error.filename) if getattr(error, "filename", None) else None
+    where = path.parent if path is not None else Path.cwd()
+    return ResourceError(
+        f"no space left on the disk of '{where}' ({free_space(where)})"
+        + (f" while writing '{path}'" if path is not None else "")
+        + f" ({type(error).__name__}: {error}). Free disk space, or write to a disk with room "
+        "(hydra.run.dir=DIR, paths.cache_dir=DIR), and run again."
+    )
 
 
 def _qa_error_in_chain(error: BaseException) -> QAError | None:
