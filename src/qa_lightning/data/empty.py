@@ -22,7 +22,7 @@ def problem_kind(problem: str) -> str:
     ``"answer 'x' is not at answer_start 3 (...)"`` -> ``"answer is not at answer_start"``."""
     text = re.sub(r"\s*\(.*\)$", "", problem)
     text = re.sub(r"\s*'[^']*'", "", text)
-    text = re.sub(r"\s*\b\d+\b", "", text)
+    text = re.sub(r"\s*\b(at )?\d+\b", "", text)
     return " ".join(text.split())
 
 

@@ -59,7 +59,8 @@ def load_local_file(path: str | Path, reader: Reader | None = None) -> datasets.
         )
     examples = _to_dataset(path, (reader or by_extension)(path))
     if not len(examples):
-        name = getattr(reader, "__name__", type(reader).__name__) if reader else "by_extension"
+        function = getattr(reader, "func", reader) or by_extension  # Hydra gives a partial
+        name = getattr(function, "__name__", type(function).__name__)
         raise DataError(
             f"data file '{path}' holds no questions: the reader ({name}, data.reader) yielded "
             "no records. Check that the file is not empty and that data.reader reads its format "
