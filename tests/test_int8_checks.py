@@ -132,7 +132,7 @@ def test_the_agreement_check_runs_padded_and_unpadded_batches(exported) -> None:
 def test_excluding_a_layer_keeps_its_fused_attention_fp32(exported, tmp_path) -> None:
     import onnx
 
-    recipe = QuantizationRecipe(exclude=(r"layer\.1\.",))  # the tiny model's last layer
+    recipe = QuantizationRecipe(exclude=(r"layer\.1/",))  # the tiny model's last layer
     record = int8_export(exported, tmp_path / "int8", recipe)
     assert any("Attention" in name for name in record["excluded_nodes"])
     graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
@@ -141,6 +141,13 @@ def test_excluding_a_layer_keeps_its_fused_attention_fp32(exported, tmp_path) ->
     assert sum(op == "QAttention" for op, _ in ops) == 1  # layer 0's, int8
     quantised = [name for op, name in ops if op in ("QAttention", "MatMulInteger")]
     assert quantised and not any("layer.1/" in name for name in quantised)
+
+
+def test_an_exclude_pattern_that_matches_no_node_stops_the_export(exported, tmp_path) -> None:
+    recipe = QuantizationRecipe(exclude=(r"layer\.1\.",))  # names say layer.1/, not layer.1.
+    with pytest.raises(ExportError, match=r"match no node of the graph"):
+        int8_export(exported, tmp_path / "int8", recipe)
+    assert not (tmp_path / "int8").exists()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

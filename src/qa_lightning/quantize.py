@@ -71,7 +71,9 @@ class QuantizationRecipe:
     ``per_channel``: one int8 scale per output channel of each weight, else one per tensor;
     ``reduce_range``: 7-bit weights (avoids saturation on CPUs without VNNI, costs accuracy);
     ``op_types``: the operator types quantised; ``exclude``: regular expressions of node names
-    kept fp32 (e.g. ``qa_outputs`` for the QA head, ``layer\\.5\\.`` for the last layer).
+    kept fp32 (e.g. ``qa_outputs`` for the QA head, ``layer\\.5/`` for the last layer of a
+    6-layer model: its MatMuls, and with ``fuse`` its fused attention, see
+    :func:`name_fused_nodes`); a pattern that matches no node stops the export.
     """
 
     fuse: bool = True
@@ -149,14 +151,24 @@ def quantization_tools() -> ModuleType:
 
 
 def excluded_nodes(onnx_path: str | Path, patterns: Sequence[str]) -> list[str]:
-    """Names of the graph's nodes that match one of the regular expressions ``patterns``."""
+    """Names of the graph's nodes that match one of the regular expressions ``patterns``; a
+    pattern that matches none is an :class:`ExportError` (the recorded recipe would claim what
+    was not done)."""
     if not patterns:
         return []
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    compiled = [re.compile(p) for p in patterns]
-    return [node.name for node in graph.node if any(p.search(node.name) for p in compiled)]
+    names = [node.name for node in graph.node]
+    unmatched = [p for p in patterns if not any(re.search(p, name) for name in names)]
+    if unmatched:
+        weighted = [node.name for node in graph.node if node.op_type in DYNAMIC_OP_TYPES]
+        raise ExportError(
+            f"quantization.exclude entries {unmatched} match no node of the graph, so nothing "
+            f"would be kept fp32 for them; node names look like {weighted[:3]} (a layer: "
+            "'layer\\.5/', the QA head: 'qa_outputs')."
+        )
+    return [name for name in names if any(re.search(p, name) for p in patterns)]
 
 
 def quantize_onnx(
@@ -238,6 +250,7 @@ def fuse_transformer_graph(onnx_path: str | Path, fused_path: str | Path) -> dic
         model = optimize_model(
             str(onnx_path), "bert", num_heads, hidden_size, opt_level=0, only_onnxruntime=False
         )
+        name_fused_nodes(model.model.graph)
         model.save_model_to_file(str(fused_path))
     except OSError:
         raise
@@ -249,6 +262,23 @@ def fuse_transformer_graph(onnx_path: str | Path, fused_path: str | Path) -> dic
     counts = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
     log.info("fused operators before quantisation: %s", counts or "none")
     return counts
+
+
+def name_fused_nodes(graph: Any) -> None:
+    """Give the fused operators (named ``Attention_1``, ``SkipLayerNorm_AddBias_3`` ...) the scope
+    of the layer they replace, taken from their output tensor's name, e.g.
+    ``/model/bert/encoder/layer.1/attention/self/Attention``: a ``quantization.exclude`` pattern
+    of a layer (``layer\\.1/``) then also keeps its fused attention fp32."""
+    names = {node.name for node in graph.node}
+    for node in graph.node:
+        output = node.output[0] if node.output else ""
+        if node.name.startswith("/") or not output.startswith("/") or "/" not in output[1:]:
+            continue
+        name = f"{output.rsplit('/', 1)[0]}/{node.op_type}"
+        while name in names:
+            name += "_"
+        names.add(name)
+        node.name = name
 
 
 def _quantizer_warnings(record: logging.LogRecord) -> bool:
