@@ -15,7 +15,7 @@ import contextlib
 import common
 import torch
 
-from qa_lightning.hardware import cpu_supports_bf16
+from qa_lightning.core.hardware import cpu_supports_bf16
 from qa_lightning.model import load_qa_model
 
 TARGET_NATIVE = 1.0  # bf16 should at least match fp32 where the CPU has native bf16

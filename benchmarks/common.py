@@ -60,7 +60,7 @@ def setup(args: argparse.Namespace) -> str:
         torch.set_num_threads(args.threads)
     if getattr(args, "model", None):
         return args.model
-    from qa_lightning.config import minilm_path
+    from qa_lightning.core.config import minilm_path
 
     return minilm_path()
 

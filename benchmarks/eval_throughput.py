@@ -33,13 +33,13 @@ import torch
 from baseline import map_features, postprocess_qa_predictions
 from torch.utils.data import DataLoader
 
+from qa_lightning.answers.metrics import squad_v1_scores
+from qa_lightning.answers.postprocess import best_window_spans, example_answers, window_rows
+from qa_lightning.core.hardware import cpu_supports_bf16
 from qa_lightning.data import SquadDataModule
 from qa_lightning.data.collate import MODEL_INPUTS
 from qa_lightning.data.windowing import NO_OFFSET
-from qa_lightning.hardware import cpu_supports_bf16
-from qa_lightning.metrics import squad_v1_scores
 from qa_lightning.model import QAModule
-from qa_lightning.postprocess import best_window_spans, example_answers, window_rows
 
 N_BEST, MAX_ANSWER_LENGTH = 20, 30
 

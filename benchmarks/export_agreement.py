@@ -22,11 +22,12 @@ import common
 import torch
 from qa_pipeline import TRANSFORMERS4, pipeline_answers
 
-from qa_lightning.checkpoint_reading import load_checkpoint
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_eval_windows
-from qa_lightning.export import export_onnx, save_hf
-from qa_lightning.inference import OnnxLogits, QuestionAnswerer, TorchLogits
+from qa_lightning.model.logits import OnnxLogits, TorchLogits
+from qa_lightning.runs.checkpoint_reading import load_checkpoint
+from qa_lightning.serving.answerer import QuestionAnswerer
+from qa_lightning.serving.exports import export_onnx, save_hf
 
 
 class ComparedLogits:

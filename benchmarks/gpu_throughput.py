@@ -27,11 +27,11 @@ import common
 import torch
 from torch.utils.data import DataLoader
 
+from qa_lightning.core.tokenizer import load_tokenizer
 from qa_lightning.data import SquadDataModule
 from qa_lightning.data.loading import load_local_file
-from qa_lightning.inference import AUTOCAST_DTYPES
 from qa_lightning.model import load_qa_model
-from qa_lightning.tokenizer import load_tokenizer
+from qa_lightning.model.logits import AUTOCAST_DTYPES
 
 DEFAULT_MODELS = ("distilbert-base-uncased", "bert-base-cased")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")

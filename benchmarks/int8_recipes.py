@@ -1,10 +1,10 @@
 """Accuracy of int8 quantisation recipes: EM/F1 of each int8 ONNX model beside fp32.
 
 A fine-tuned model (a checkpoint, or a Hugging Face directory) is exported to fp32 ONNX once, then
-quantised with each recipe (``qa_lightning.quantize``, onnxruntime dynamic quantisation). Each model
-is scored on the shared validation file with ``trainer.validate`` (``QAModule`` / ``OnnxQAModule``:
-the code path of ``python -m qa_lightning.evaluate``), and its answers are compared with fp32
-PyTorch's. No timing: see int8_throughput.py.
+quantised with each recipe (``qa_lightning.serving.int8``, onnxruntime dynamic quantisation).
+Each model is scored on the shared validation file with ``trainer.validate`` (``QAModule`` /
+``OnnxQAModule``: the code path of ``python -m qa_lightning.evaluate``), and its answers are
+compared with fp32 PyTorch's. No timing: see int8_throughput.py.
 
     python benchmarks/int8_recipes.py --ckpt RUN/checkpoints/best-....ckpt [--limit N]
     python benchmarks/int8_recipes.py --model RUN/hf_model [--recipes per-channel head-fp32]
@@ -18,12 +18,12 @@ from typing import Any
 
 import common
 
-from qa_lightning.checkpoint_reading import load_checkpoint, load_model_dir
 from qa_lightning.data import SquadDataModule
-from qa_lightning.export import export_onnx
 from qa_lightning.model import QAModule
 from qa_lightning.model.onnx_model import OnnxQAModule
-from qa_lightning.quantize import DYNAMIC_OP_TYPES, QuantizationRecipe, quantize_onnx
+from qa_lightning.runs.checkpoint_reading import load_checkpoint, load_model_dir
+from qa_lightning.serving.exports import export_onnx
+from qa_lightning.serving.int8 import DYNAMIC_OP_TYPES, QuantizationRecipe, quantize_onnx
 
 
 def recipes(layers: int) -> dict[str, QuantizationRecipe]:

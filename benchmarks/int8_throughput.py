@@ -1,7 +1,7 @@
 """CPU throughput of the int8 ONNX export against fp32 PyTorch, bf16-mixed PyTorch and fp32 ONNX.
 
 A fine-tuned Hugging Face directory is exported to fp32 ONNX and quantised to int8 with the default
-recipe (``qa_lightning.quantize``; or ``--int8 DIR [DIR ...]``, exports to time instead, e.g. of
+recipe (``qa_lightning.serving.int8``; or ``--int8 DIR [DIR ...]``, exports to time instead, e.g. of
 several recipes). The same validation questions are then answered by each model, taking turns,
 best of ``--repeats``:
 
@@ -29,14 +29,15 @@ from typing import Any
 
 import common
 
-from qa_lightning.checkpoint_reading import load_model_dir
+from qa_lightning.core.hardware import cpu_supports_bf16, cpu_supports_int8_dot
 from qa_lightning.data import SquadDataModule
-from qa_lightning.export import export_onnx
-from qa_lightning.hardware import cpu_supports_bf16, cpu_supports_int8_dot
-from qa_lightning.inference import OnnxLogits, QuestionAnswerer, TorchLogits
 from qa_lightning.model import QAModule
+from qa_lightning.model.logits import OnnxLogits, TorchLogits
 from qa_lightning.model.onnx_model import OnnxQAModule
-from qa_lightning.quantize import QuantizationRecipe, quantize_onnx
+from qa_lightning.runs.checkpoint_reading import load_model_dir
+from qa_lightning.serving.answerer import QuestionAnswerer
+from qa_lightning.serving.exports import export_onnx
+from qa_lightning.serving.int8 import QuantizationRecipe, quantize_onnx
 
 BASELINE = "PyTorch fp32"
 

@@ -13,10 +13,10 @@ import argparse
 import numpy as np
 from torchmetrics.functional.text.squad import _normalize_text
 
-from qa_lightning.config import minilm_path
+from qa_lightning.core.config import minilm_path
+from qa_lightning.core.tokenizer import load_tokenizer
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_train_windows
-from qa_lightning.tokenizer import load_tokenizer
 
 
 def label_fidelity(

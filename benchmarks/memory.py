@@ -59,8 +59,8 @@ def child(kind: str, train_file: str, cache_dir: str, model: str) -> None:
     else:
         from baseline import map_features
 
+        from qa_lightning.core.tokenizer import load_tokenizer
         from qa_lightning.data.loading import load_local_file
-        from qa_lightning.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(model)
         train = map_features(tokenizer, load_local_file(train_file), train=True)

@@ -18,9 +18,9 @@ import common
 import datasets
 from baseline import map_features
 
+from qa_lightning.core.tokenizer import load_tokenizer
 from qa_lightning.data import SquadDataModule
 from qa_lightning.data.loading import load_local_file
-from qa_lightning.tokenizer import load_tokenizer
 
 
 def project_windows(datamodule: SquadDataModule, examples: datasets.Dataset) -> datasets.Dataset:

@@ -24,10 +24,10 @@ import torch
 from baseline import map_features
 from torch.utils.data import DataLoader
 
+from qa_lightning.core.tokenizer import load_tokenizer
 from qa_lightning.data import SquadDataModule
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.model import load_qa_model
-from qa_lightning.tokenizer import load_tokenizer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
 BASELINE = "padded to 384 (reference)"

@@ -18,14 +18,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from qa_lightning.checkpointing import LastCheckpoint
-from qa_lightning.config import minilm_path, register_resolvers
+from qa_lightning.core.config import minilm_path, register_resolvers
+from qa_lightning.runs.checkpoint_writing import LastCheckpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "src" / "qa_lightning" / "conf"
+CONF_DIR = ROOT / "conf"
 SHARED_SQUAD = ROOT.parent / "shared" / "data" / "squad"
 register_resolvers()
 
@@ -50,7 +50,7 @@ SHORT_WINDOWS = {"max_length": 64, "stride": 8, "max_question_tokens": 24}
 @pytest.fixture(scope="session")
 def tokenizer():
     """MiniLM's uncased WordPiece tokenizer (offline), also the tiny model's."""
-    from qa_lightning.tokenizer import load_tokenizer
+    from qa_lightning.core.tokenizer import load_tokenizer
 
     return load_tokenizer(minilm_path())
 
@@ -165,10 +165,10 @@ def save_tiny_model_dir(directory: Path, settings: Any) -> Path:
     import torch
     from omegaconf import OmegaConf
 
-    from qa_lightning.checkpoint_reading import Exported
-    from qa_lightning.export import save_hf
+    from qa_lightning.core.tokenizer import load_tokenizer
     from qa_lightning.model import load_qa_model
-    from qa_lightning.tokenizer import load_tokenizer
+    from qa_lightning.runs.checkpoint_reading import Exported
+    from qa_lightning.serving.exports import save_hf
 
     torch.manual_seed(0)
     overrides = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))

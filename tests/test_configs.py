@@ -8,11 +8,12 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from qa_lightning import config
-from qa_lightning.config import validate_train_config
+from qa_lightning.answers.settings import InferenceSettings
+from qa_lightning.core import config
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.data.config import validate_data_config
 from qa_lightning.data.windowing import windowing_problem
-from qa_lightning.errors import ConfigError
-from qa_lightning.inference import InferenceSettings
+from qa_lightning.runs.config import validate_train_config
 from tests.conftest import CONF_DIR
 
 GROUPS = ["data", "model", "trainer", "callbacks", "logger", "paths", "experiment"]
@@ -156,7 +157,7 @@ def test_the_windowing_rule_is_one_for_configs_and_exported_settings() -> None:
     assert (key, value) == ("data.stride", 60) and "leaving 60 context tokens" in fix
     data = {"max_length": 128, "stride": 60, "max_question_tokens": 64, "batch_size": 8}
     with pytest.raises(ConfigError) as from_config:
-        config.validate_data_config(OmegaConf.create({**data, "eval_batch_size": 8}))
+        validate_data_config(OmegaConf.create({**data, "eval_batch_size": 8}))
     with pytest.raises(ConfigError) as from_settings:
         InferenceSettings(max_length=128, stride=60, max_question_tokens=64)
     assert str(from_config.value) == f"invalid config: data.stride=60; {fix}"

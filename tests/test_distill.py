@@ -15,22 +15,20 @@ from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoConfig, AutoModelForQuestionAnswering, BertTokenizerFast
 
-from qa_lightning import distill
-from qa_lightning.config import minilm_path, resource_path
+from qa_lightning.core.config import minilm_path, resource_path
+from qa_lightning.core.errors import ConfigError
 from qa_lightning.data.collate import TEACHER_LOGITS, WindowCollator
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_train_windows
-from qa_lightning.distill import (
+from qa_lightning.evaluate import evaluate
+from qa_lightning.model.distillation import distillation_loss, mixed_loss, soft_kl
+from qa_lightning.model.logits import TorchLogits
+from qa_lightning.runs import teacher
+from qa_lightning.runs.teacher import (
     add_teacher_logits,
     compute_teacher_logits,
-    distillation_loss,
-    mixed_loss,
-    soft_kl,
     teacher_fingerprint,
 )
-from qa_lightning.errors import ConfigError
-from qa_lightning.evaluate import evaluate
-from qa_lightning.inference import TorchLogits
 from qa_lightning.train import train
 from tests.conftest import SHORT_WINDOWS, TINY_OVERRIDES, run_cli
 
@@ -261,7 +259,7 @@ class CountingLogits(TorchLogits):
 def test_the_teacher_runs_once_per_window_over_two_epochs_and_runs(
     compose_train, tiny_teacher, tmp_path: Path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(distill, "TorchLogits", CountingLogits)
+    monkeypatch.setattr(teacher, "TorchLogits", CountingLogits)
     monkeypatch.setattr(CountingLogits, "windows", 0)
     overrides = [
         *TINY_OVERRIDES,

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from qa_lightning.config import minilm_path, resource_path
+from qa_lightning.core.config import minilm_path, resource_path
 from qa_lightning.data import SquadDataModule
 from qa_lightning.data.sampling import length_grouped_order
 from qa_lightning.train import train

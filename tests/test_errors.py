@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from qa_lightning.cli import report_errors, user_error
-from qa_lightning.errors import ConfigError
+from qa_lightning.core.errors import ConfigError
 from qa_lightning.train import train
 from tests.conftest import TINY_OVERRIDES, run_cli
 

@@ -13,7 +13,10 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qa_lightning.config import resource_path, validate_data_config
+from qa_lightning.answers.settings import InferenceSettings
+from qa_lightning.core.config import resource_path
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.data.config import validate_data_config
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import (
     PAIR_SPECIAL_TOKENS,
@@ -22,8 +25,6 @@ from qa_lightning.data.windowing import (
     truncate_questions,
     window_text,
 )
-from qa_lightning.errors import ConfigError
-from qa_lightning.inference import InferenceSettings
 from qa_lightning.train import train
 from tests.conftest import TINY_OVERRIDES
 from tests.test_errors import _short_errors, cli_error, in_process_error, run_cli  # noqa: F401

@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from qa_lightning import report
+from qa_lightning.answers.settings import InferenceSettings
 from qa_lightning.evaluate import evaluate
 from qa_lightning.export import export
-from qa_lightning.inference import InferenceSettings, QuestionAnswerer, TorchLogits
 from qa_lightning.model import QAModule
+from qa_lightning.model.logits import TorchLogits
 from qa_lightning.predict import predict
+from qa_lightning.runs import sweep_report
+from qa_lightning.serving.answerer import QuestionAnswerer
 from tests.conftest import EVAL_OVERRIDES, save_tiny_model_dir
 from tests.test_errors import _short_errors, cli_error, in_process_error, run_cli  # noqa: F401
 from tests.test_errors_data import LONG_QUESTION, UNICODE, long_context_record
@@ -330,13 +333,13 @@ def test_report_lists_runs_with_malformed_metrics_as_failed(tmp_path, capsys) ->
     make_run(sweep, "3", "{not json")
     make_run(sweep, "4", None)
     assert report.main([str(sweep)]) == 0
-    rows = {row["run"]: row for row in report.summarize(sweep)}
+    rows = {row["run"]: row for row in sweep_report.summarize(sweep)}
     assert rows["0"]["status"] == "ok"
     assert rows["1"]["error"] == "metrics.json is not a JSON object"
     assert rows["2"]["error"] == "metrics.json holds no validation score"
     assert rows["3"]["error"] == "unreadable metrics.json (JSONDecodeError)"
     assert "no metrics.json" in rows["4"]["error"]
-    assert {p.name for p in sweep.iterdir()} >= set(report.SUMMARY_FILES)
+    assert {p.name for p in sweep.iterdir()} >= set(sweep_report.SUMMARY_FILES)
 
 
 def test_report_on_a_full_disk_says_so(tmp_path, capsys, monkeypatch) -> None:

@@ -12,9 +12,9 @@ import lightning as L
 import pytest
 import torch
 
-from qa_lightning.checkpointing import AtomicCheckpointIO
-from qa_lightning.errors import ResourceError
+from qa_lightning.core.errors import ResourceError
 from qa_lightning.model import QAModule
+from qa_lightning.runs.checkpoint_writing import AtomicCheckpointIO
 from qa_lightning.train import diverged_error, train
 from tests.conftest import TINY_OVERRIDES, read_batches
 from tests.test_errors import _short_errors, cli_error, in_process_error, run_cli  # noqa: F401
@@ -204,7 +204,7 @@ def test_atomic_checkpoint_io_reports_a_full_disk(tmp_path: Path, monkeypatch, c
     def fsync_full(fd: int) -> None:
         raise OSError(code, "No space left on device")
 
-    monkeypatch.setattr("qa_lightning.integrity.os.fsync", fsync_full)
+    monkeypatch.setattr("qa_lightning.core.integrity.os.fsync", fsync_full)
     with pytest.raises(ResourceError, match="the previous 'last.ckpt' is kept intact"):
         io.save_checkpoint({"step": 2}, path)
     with pytest.raises(ResourceError, match="no earlier 'other.ckpt' existed"):

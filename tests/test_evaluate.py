@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qa_lightning.errors import ConfigError
+from qa_lightning.core.errors import ConfigError
 from qa_lightning.evaluate import evaluate
 from qa_lightning.train import train
 from tests.conftest import EVAL_OVERRIDES, TINY_OVERRIDES

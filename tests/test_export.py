@@ -13,12 +13,13 @@ import torch
 from qa_pipeline import TRANSFORMERS4, pipeline_answers  # benchmarks/ (pytest's pythonpath)
 from safetensors.torch import load_file
 
-from qa_lightning.checkpoint_reading import read_checkpoint
-from qa_lightning.config import resource_path
+from qa_lightning.answers.settings import InferenceSettings
+from qa_lightning.core.config import resource_path
+from qa_lightning.core.errors import ConfigError
 from qa_lightning.data.loading import load_local_file
-from qa_lightning.errors import ConfigError
 from qa_lightning.export import export
-from qa_lightning.inference import InferenceSettings, QuestionAnswerer
+from qa_lightning.runs.checkpoint_reading import read_checkpoint
+from qa_lightning.serving.answerer import QuestionAnswerer
 from tests.conftest import run_cli, train_tiny
 
 #: Two epochs, so that the tiny model's logits are not those of its random initialisation.
@@ -160,7 +161,7 @@ def test_export_config_errors(compose_train, overrides, message) -> None:
 
 
 def test_a_failed_export_at_the_end_of_training_keeps_the_run(tmp_path: Path, caplog) -> None:
-    from qa_lightning.export import try_export_hf
+    from qa_lightning.serving.exports import try_export_hf
 
     sharded = tmp_path / "best.ckpt"
     sharded.mkdir()  # e.g. DeepSpeed writes checkpoint directories

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from qa_lightning import report
-from qa_lightning.checkpoint_reading import Exported
-from qa_lightning.checkpointing import AtomicCheckpointIO
+from qa_lightning.answers.settings import InferenceSettings
 from qa_lightning.cli import user_error, write_results
+from qa_lightning.core.errors import ResourceError
+from qa_lightning.core.integrity import is_disk_full, write_atomic
 from qa_lightning.data.cache import cached
-from qa_lightning.errors import ResourceError
-from qa_lightning.inference import InferenceSettings, QuestionLine, write_answers
-from qa_lightning.integrity import is_disk_full, write_atomic
+from qa_lightning.runs.checkpoint_reading import Exported
+from qa_lightning.runs.checkpoint_writing import AtomicCheckpointIO
+from qa_lightning.serving.jsonl import QuestionLine, write_answers
 from tests.conftest import TINY_OVERRIDES, run_cli, save_tiny_model_dir
 from tests.full_disk import fill, small_disks
 
@@ -80,7 +81,7 @@ def test_window_cache_with_a_patched_full_disk(tmp_path, monkeypatch):
 
 
 def test_teacher_logits_cache_on_a_full_disk(small_disk, tmp_path, tokenizer):
-    from qa_lightning.distill import add_teacher_logits
+    from qa_lightning.runs.teacher import add_teacher_logits
 
     teacher = save_tiny_model_dir(tmp_path / "teacher", SETTINGS)
     encoded = tokenizer(["Who?"] * 64, ["The committee wrote it. " * 20] * 64)
@@ -112,13 +113,13 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk):
 
 @pytest.fixture(scope="module")
 def tiny_exported(tmp_path_factory) -> Exported:
-    from qa_lightning.checkpoint_reading import load_model_dir
+    from qa_lightning.runs.checkpoint_reading import load_model_dir
 
     return load_model_dir(save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "hf", SETTINGS))
 
 
 def test_hf_export_on_a_full_disk_keeps_the_earlier_export(small_disk, tiny_exported):
-    from qa_lightning.export import save_hf
+    from qa_lightning.serving.exports import save_hf
 
     disk = small_disk(15 << 20)
     out_dir = save_hf(tiny_exported, disk / "hf_model")
@@ -137,8 +138,8 @@ def test_onnx_export_on_a_full_disk_leaves_nothing(small_disk, tiny_exported, tm
     pytest.importorskip("onnxruntime.quantization")
     from omegaconf import OmegaConf
 
-    from qa_lightning.export import export_checked_onnx
-    from qa_lightning.quantize import QuantizationRecipe, quantize_export
+    from qa_lightning.serving.exports import export_checked_onnx
+    from qa_lightning.serving.int8 import QuantizationRecipe, quantize_export
 
     fp32 = export_checked_onnx(tiny_exported, tmp_path / "fp32")[0]
     support = sum(p.stat().st_size for p in fp32.parent.iterdir()) - fp32.stat().st_size

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qa_lightning import hardware
-from qa_lightning.hardware import (
+from qa_lightning.core import hardware
+from qa_lightning.core.hardware import (
     cpu_bf16_warning,
     cpu_int8_warning,
     cpu_supports_bf16,

@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from qa_lightning.cli import report_errors
-from qa_lightning.config import minilm_path
-from qa_lightning.errors import ConfigError
+from qa_lightning.core.config import minilm_path
+from qa_lightning.core.errors import ConfigError
 from qa_lightning.train import train
 from tests.conftest import CONF_DIR, run_cli
 
@@ -116,3 +116,20 @@ def test_cli_config_dir_adds_a_model(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "name_or_path: /models/my-encoder" in result.stdout
     assert "lr: 3.0e-05" in result.stdout
+
+
+def test_the_build_installs_every_package_and_the_root_configs() -> None:
+    """``pyproject.toml`` lists the packages (so that ``conf/`` can be mapped into the package):
+    every package of ``src/`` is listed, and ``qa_lightning.conf`` is the root ``conf/``."""
+    from tests.conftest import ROOT
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    source = ROOT / "src"
+    packages = {
+        ".".join(init.parent.relative_to(source).parts)
+        for init in source.glob("qa_lightning/**/__init__.py")
+    }
+    assert set(setuptools["packages"]) == packages | {"qa_lightning.conf"}
+    assert setuptools["package-dir"]["qa_lightning.conf"] == "conf"
+    assert (ROOT / "conf" / "train.yaml").is_file() and not (source / "qa_lightning/conf").exists()

@@ -7,24 +7,23 @@ real drop."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from qa_lightning.inference import InferenceSettings, TorchLogits
 
-from qa_lightning.checkpoint_reading import Exported
-from qa_lightning.config import minilm_path, resource_path
+from qa_lightning.core.config import minilm_path, resource_path
+from qa_lightning.core.errors import ExportError
 from qa_lightning.data.loading import load_local_file
-from qa_lightning.errors import ExportError
-from qa_lightning.export import export_checked_onnx
-from qa_lightning.inference import InferenceSettings, OnnxLogits, TorchLogits
+from qa_lightning.runs.checkpoint_reading import Exported
+from qa_lightning.serving.exports import export_checked_onnx
 from tests.conftest import CONF_DIR
 
 pytest.importorskip("onnxruntime.quantization")
-from qa_lightning import quantize  # noqa: E402
-from qa_lightning.quantize import QuantizationRecipe, compare_answers, quantize_export  # noqa: E402
+from qa_lightning.serving import int8 as quantize  # noqa: E402
+from qa_lightning.serving.int8 import QuantizationRecipe, compare_answers, quantize_export  # noqa: E402
 
 SETTINGS = InferenceSettings(max_length=128, stride=32)
 DEMO_VALIDATION = resource_path("demo/validation.json")
@@ -42,7 +41,7 @@ def tiny_model(config_overrides: dict | None = None) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def exported() -> Exported:
-    from qa_lightning.tokenizer import load_tokenizer
+    from qa_lightning.core.tokenizer import load_tokenizer
 
     return Exported(tiny_model(), load_tokenizer(minilm_path()), SETTINGS)
 
@@ -167,7 +166,9 @@ def test_fp32_weights_under_a_config_that_says_fp16_load_back_exactly(tmp_path, 
     rebuilt.load_state_dict(model.state_dict())
     loaded = load_qa_model(str(tmp_path))  # as a model directory is loaded
     for other in (rebuilt, loaded):
-        for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        for (name, a), b in zip(
+            model.state_dict().items(), other.state_dict().values(), strict=True
+        ):
             assert b.dtype == torch.float32 and torch.equal(a, b), name
     assert loaded.config.dtype == torch.float32
 

@@ -21,24 +21,26 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qa_lightning import report
-from qa_lightning.callbacks import numpy_rng_states, plain_rng_states
-from qa_lightning.checkpoint_reading import load_checkpoint_file, trust_setting
-from qa_lightning.config import minilm_path
-from qa_lightning.data.cache import MANIFEST, cached
-from qa_lightning.errors import ConfigError, ExportError, ResourceError
-from qa_lightning.evaluate import evaluate
-from qa_lightning.export import export, export_checked_onnx, save_hf
-from qa_lightning.inference import SETTINGS_FILE, InferenceSettings, QuestionAnswerer
-from qa_lightning.integrity import (
+from qa_lightning.answers.settings import SETTINGS_FILE, InferenceSettings
+from qa_lightning.core.config import minilm_path
+from qa_lightning.core.errors import ConfigError, ExportError, ResourceError
+from qa_lightning.core.integrity import (
     file_manifest,
     manifest_problems,
     remove_stale_staging,
     staged_directory,
     write_atomic,
 )
-from qa_lightning.plain import plain
-from qa_lightning.tokenizer import TOKENIZER_FILES, tokenizer_misfit
+from qa_lightning.core.plain import plain
+from qa_lightning.core.tokenizer import TOKENIZER_FILES, tokenizer_misfit
+from qa_lightning.data.cache import MANIFEST, cached
+from qa_lightning.evaluate import evaluate
+from qa_lightning.export import export
+from qa_lightning.runs import sweep_report
+from qa_lightning.runs.callbacks import numpy_rng_states, plain_rng_states
+from qa_lightning.runs.checkpoint_reading import load_checkpoint_file, trust_setting
+from qa_lightning.serving.answerer import QuestionAnswerer
+from qa_lightning.serving.exports import export_checked_onnx, save_hf
 from qa_lightning.train import train
 from tests.conftest import EVAL_OVERRIDES, TINY_OVERRIDES, run_cli, save_tiny_model_dir
 
@@ -245,7 +247,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path: Path, caplog
         load_checkpoint_file(legacy)
     assert not created.exists()
     # the payload is live: the full unpickler, which trust_checkpoint=true opts into, runs it
-    with caplog.at_level(logging.WARNING, logger="qa_lightning.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="qa_lightning.runs.checkpoint_writing"):
         checkpoint, weights_only = load_checkpoint_file(crafted, trust=True)
     checkpoint["payload"].close()
     assert created.exists() and weights_only is False
@@ -345,7 +347,7 @@ def test_tokenizer_misfits(tokenizer) -> None:
 
 
 def test_a_tokenizer_without_the_special_tokens_of_windowing_misfits(tmp_path: Path) -> None:
-    from qa_lightning.tokenizer import load_tokenizer
+    from qa_lightning.core.tokenizer import load_tokenizer
 
     no_pad = load_tokenizer(minilm_path())
     no_pad.pad_token = None
@@ -453,7 +455,7 @@ def test_a_damaged_export_names_the_file_and_the_fix(model_dir: Path, compose_tr
 
 
 def test_an_export_replaces_only_an_earlier_export(model_dir: Path, tmp_path: Path) -> None:
-    from qa_lightning.checkpoint_reading import load_model_dir
+    from qa_lightning.runs.checkpoint_reading import load_model_dir
 
     exported = load_model_dir(model_dir)
     other = tmp_path / "notes"
@@ -469,7 +471,7 @@ def test_an_export_replaces_only_an_earlier_export(model_dir: Path, tmp_path: Pa
 
 def test_an_onnx_export_that_fails_its_check_writes_nothing(model_dir: Path, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    from qa_lightning.checkpoint_reading import load_model_dir
+    from qa_lightning.runs.checkpoint_reading import load_model_dir
 
     with pytest.raises(ExportError, match="more than atol=-1.0; nothing was written"):
         export_checked_onnx(load_model_dir(model_dir), tmp_path / "onnx", atol=-1.0)
@@ -484,11 +486,11 @@ def test_report_names_the_damaged_files_of_a_run(tmp_path: Path) -> None:
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_bytes(b"\xff\xfe- model.lr=1e-5\n")
     (run / "metrics.json").write_text(json.dumps({"best": {"f1": 50.0, "em": 40.0, "epoch": 1}}))
-    (row,) = report.summarize(tmp_path)
+    (row,) = sweep_report.summarize(tmp_path)
     assert row["status"] == "ok" and row["f1"] == 50.0
     assert row["error"] == "unreadable .hydra/overrides.yaml (UnicodeDecodeError)"
     (run / ".hydra" / "overrides.yaml").write_text("model.lr: 1e-5\n")  # not a list
-    (row,) = report.summarize(tmp_path)
+    (row,) = sweep_report.summarize(tmp_path)
     assert row["error"] == ".hydra/overrides.yaml is not a list"
 
 

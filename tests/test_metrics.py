@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qa_lightning.metrics import squad_v1_scores
+from qa_lightning.answers.metrics import squad_v1_scores
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qa_lightning.metrics import squad_v2_scores
-from qa_lightning.postprocess import example_null_scores
+from qa_lightning.answers.metrics import squad_v2_scores
+from qa_lightning.answers.postprocess import example_null_scores
 
 REFERENCES = {"q1": ["Paris"], "q2": [], "q3": ["blue whale"]}
 ANSWERS = {"q1": "Paris", "q2": "London", "q3": "whale"}  # best non-null answers

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from qa_lightning.config import resource_path
+from qa_lightning.answers.metrics import squad_v1_scores
+from qa_lightning.core.config import resource_path
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.readers import mrqa_jsonl, squad_json
-from qa_lightning.metrics import squad_v1_scores
 from tests.conftest import TINY_OVERRIDES, run_cli
 
 MRQA_OVERRIDES = [o for o in TINY_OVERRIDES if o != "data=demo"] + ["data=mrqa"]

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qa_lightning.errors import ConfigError
-from qa_lightning.inference import SETTINGS_FILE, InferenceSettings, rank_answers
+from qa_lightning.answers.ranking import rank_answers
+from qa_lightning.answers.settings import SETTINGS_FILE, InferenceSettings
+from qa_lightning.core.errors import ConfigError
 
 CONTEXT = "abcdefghij"
 # span (2, 5) "cde" scores 3, (6, 9) "ghi" 1; the null answer 2
@@ -100,12 +101,12 @@ def test_predict_takes_v2_settings_from_the_command_line(compose_train, tmp_path
     import torch
     from omegaconf import OmegaConf
 
-    from qa_lightning.checkpoint_reading import Exported
-    from qa_lightning.config import minilm_path
-    from qa_lightning.export import save_hf
+    from qa_lightning.core.config import minilm_path
+    from qa_lightning.core.tokenizer import load_tokenizer
     from qa_lightning.model import load_qa_model
     from qa_lightning.predict import predict
-    from qa_lightning.tokenizer import load_tokenizer
+    from qa_lightning.runs.checkpoint_reading import Exported
+    from qa_lightning.serving.exports import save_hf
     from tests.conftest import CONF_DIR
 
     torch.manual_seed(0)

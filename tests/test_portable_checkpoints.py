@@ -19,18 +19,19 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qa_lightning.checkpoint_reading import (
+from qa_lightning.answers.settings import InferenceSettings
+from qa_lightning.core.config import minilm_path, resource_path
+from qa_lightning.core.errors import ConfigError, ExportError
+from qa_lightning.data.loading import load_local_file
+from qa_lightning.evaluate import evaluate, use_saved_settings
+from qa_lightning.export import export
+from qa_lightning.model.files import CHECKPOINT_KEY, model_files, write_model_files
+from qa_lightning.runs.checkpoint_reading import (
     checkpoint_settings,
     read_checkpoint,
     tuned_null_threshold,
 )
-from qa_lightning.config import minilm_path, resource_path
-from qa_lightning.data.loading import load_local_file
-from qa_lightning.errors import ConfigError, ExportError
-from qa_lightning.evaluate import evaluate, use_saved_settings
-from qa_lightning.export import export
-from qa_lightning.inference import InferenceSettings, QuestionAnswerer
-from qa_lightning.model_files import CHECKPOINT_KEY, model_files, write_model_files
+from qa_lightning.serving.answerer import QuestionAnswerer
 from qa_lightning.train import train
 from tests.conftest import CONF_DIR, TINY_OVERRIDES, run_cli
 
@@ -253,7 +254,7 @@ def test_saved_settings_yield_to_the_command_line() -> None:
 def test_model_files_round_trip_text_and_binary_files(tmp_path: Path) -> None:
     from transformers import AutoConfig
 
-    from qa_lightning.tokenizer import load_tokenizer
+    from qa_lightning.core.tokenizer import load_tokenizer
 
     class WithBinaryFile:
         """A tokenizer whose files include a binary one (as a SentencePiece model)."""

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from qa_lightning.answers.postprocess import answer_texts, best_example_spans, best_window_spans
 from qa_lightning.data.windowing import NO_OFFSET
-from qa_lightning.postprocess import answer_texts, best_example_spans, best_window_spans
 
 CONTEXT = "a b c d e f"
 NO = [NO_OFFSET, NO_OFFSET]

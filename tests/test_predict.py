@@ -17,23 +17,19 @@ import numpy as np
 import pytest
 import torch
 
-from qa_lightning import config
+from qa_lightning.answers.postprocess import best_example_spans, best_window_spans
+from qa_lightning.answers.ranking import rank_answers
+from qa_lightning.answers.settings import InferenceSettings
 from qa_lightning.cli import report_errors
-from qa_lightning.config import resource_path
+from qa_lightning.core import config
+from qa_lightning.core.config import resource_path
+from qa_lightning.core.errors import ConfigError
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_eval_windows
-from qa_lightning.errors import ConfigError
-from qa_lightning.inference import (
-    InferenceSettings,
-    InputError,
-    QuestionAnswerer,
-    TorchLogits,
-    rank_answers,
-    read_question_lines,
-    resolve_precision,
-)
-from qa_lightning.postprocess import best_example_spans, best_window_spans
+from qa_lightning.model.logits import TorchLogits, resolve_precision
 from qa_lightning.predict import predict
+from qa_lightning.serving.answerer import InputError, QuestionAnswerer
+from qa_lightning.serving.jsonl import read_question_lines
 from tests.conftest import ROOT, save_tiny_model_dir
 
 SETTINGS = InferenceSettings(max_length=128, stride=32)
@@ -229,7 +225,7 @@ def test_stdin_to_an_output_file_and_a_file_to_stdout(
 
 
 def test_file_without_answerable_lines_is_an_error(tmp_path: Path, answerer) -> None:
-    from qa_lightning.inference import answer_file
+    from qa_lightning.serving.jsonl import answer_file
 
     questions = tmp_path / "questions.jsonl"
     questions.write_text('{"question": ""}\nnot json\n')
@@ -387,8 +383,8 @@ def test_config_errors_name_the_key(compose_train, model_dir, overrides, message
 
 def test_onnx_backend_gives_the_torch_answers(model_dir: Path, tmp_path: Path, validation) -> None:
     pytest.importorskip("onnxruntime")
-    from qa_lightning.checkpoint_reading import load_model_dir
-    from qa_lightning.export import export_onnx, onnx_max_abs_diff
+    from qa_lightning.runs.checkpoint_reading import load_model_dir
+    from qa_lightning.serving.exports import export_onnx, onnx_max_abs_diff
 
     exported = load_model_dir(model_dir)
     onnx_path = export_onnx(exported, tmp_path / "onnx_model")

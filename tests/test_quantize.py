@@ -12,26 +12,20 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qa_lightning import hardware
-from qa_lightning.checkpoint_reading import Exported
+from qa_lightning.answers.settings import InferenceSettings
 from qa_lightning.cli import report_errors
-from qa_lightning.config import minilm_path, resource_path
+from qa_lightning.core import hardware
+from qa_lightning.core.config import minilm_path, resource_path
+from qa_lightning.core.errors import ConfigError
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_eval_windows
-from qa_lightning.errors import ConfigError
 from qa_lightning.evaluate import evaluate
-from qa_lightning.export import export, export_onnx
-from qa_lightning.inference import (
-    InferenceSettings,
-    OnnxLogits,
-    QuestionAnswerer,
-)
-from qa_lightning.quantize import (
-    Agreement,
-    QuantizationRecipe,
-    compare_answers,
-    quantize_onnx,
-)
+from qa_lightning.export import export
+from qa_lightning.model.logits import OnnxLogits
+from qa_lightning.runs.checkpoint_reading import Exported
+from qa_lightning.serving.answerer import QuestionAnswerer
+from qa_lightning.serving.exports import export_onnx
+from qa_lightning.serving.int8 import Agreement, QuantizationRecipe, compare_answers, quantize_onnx
 from tests.conftest import CONF_DIR, EVAL_OVERRIDES, run_cli, train_tiny
 
 pytest.importorskip("onnxruntime.quantization")
@@ -69,8 +63,8 @@ def int8_export(trained, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def random_onnx(tmp_path_factory) -> Path:
     """A random tiny model (conf/model/tiny.yaml) exported as fp32 ONNX, with its tokenizer."""
+    from qa_lightning.core.tokenizer import load_tokenizer
     from qa_lightning.model import load_qa_model
-    from qa_lightning.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     overrides = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qa_lightning.report import main, plot_data, summarize, to_markdown, write_report
+from qa_lightning.report import main
+from qa_lightning.runs.sweep_report import plot_data, summarize, to_markdown, write_report
 from tests.conftest import ROOT, TINY_OVERRIDES
 
 BASE = [o for o in TINY_OVERRIDES if not o.startswith("data.stride=")]
@@ -118,7 +119,7 @@ def test_failed_run_does_not_stop_the_sweep_and_is_listed(tmp_path: Path) -> Non
     assert "ConfigError" in rows[1]["error"] and "data.stride" in rows[1]["error"]
     assert "data.stride" in (sweep_dir / "0" / "error.txt").read_text()
     assert (
-        "| failed: qa_lightning.errors.ConfigError: invalid config: data.stride=500"
+        "| failed: qa_lightning.core.errors.ConfigError: invalid config: data.stride=500"
         in (sweep_dir / "summary.md").read_text()
     )
 
@@ -156,7 +157,7 @@ def make_sweep_run(
 
 def test_report_on_hand_made_runs_lists_failures_last(tmp_path: Path) -> None:
     make_run(tmp_path, "0", 1e-5, 64, best={"f1": 40.0, "em": 30.0, "epoch": 1})
-    make_run(tmp_path, "1", 3e-5, 64, error="qa_lightning.errors.DataError: bad record 17")
+    make_run(tmp_path, "1", 3e-5, 64, error="qa_lightning.core.errors.DataError: bad record 17")
     make_run(tmp_path, "2", 1e-5, 128, best={"f1": 55.5, "em": 41.25, "epoch": 2})
     make_run(tmp_path, "10", 3e-5, 128)  # killed: no metrics.json, no error.txt
     make_run(tmp_path, "3", 3e-5, 32, best={"f1": -1.0, "em": -1.0, "epoch": -1})
@@ -171,7 +172,7 @@ def test_report_on_hand_made_runs_lists_failures_last(tmp_path: Path) -> None:
         "params": {"model": "tiny", "model.lr": 1e-5, "data.stride": 128},
     }  # fmt: skip
     assert rows[0]["overrides"] == "model=tiny model.lr=1e-05 data.stride=128"
-    assert rows[2]["error"] == "qa_lightning.errors.DataError: bad record 17"
+    assert rows[2]["error"] == "qa_lightning.core.errors.DataError: bad record 17"
     assert "no validation score" in rows[3]["error"]
     assert "no metrics.json" in rows[4]["error"]
 
@@ -182,7 +183,7 @@ def test_report_on_hand_made_runs_lists_failures_last(tmp_path: Path) -> None:
     assert "5 runs, 2 ok, 3 failed" in markdown
     assert "Overrides of every run: `model=tiny`" in markdown
     assert "| 2 | 1e-05 | 128 | 55.50 | 41.25 | 2 | 12.5 | ok |" in markdown
-    assert "| failed: qa_lightning.errors.DataError: bad record 17 |" in markdown
+    assert "| failed: qa_lightning.core.errors.DataError: bad record 17 |" in markdown
     assert (tmp_path / "summary.png").read_bytes().startswith(PNG_MAGIC)
     assert not list(tmp_path.glob("*.part"))
 

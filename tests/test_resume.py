@@ -15,8 +15,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from qa_lightning.checkpointing import AtomicCheckpointIO
 from qa_lightning.data.sampling import LengthGroupedSampler, ResumableDataLoader
+from qa_lightning.runs.checkpoint_writing import AtomicCheckpointIO
 from qa_lightning.train import train
 from tests.conftest import ROOT, TINY_OVERRIDES, read_batches
 

@@ -11,15 +11,16 @@ import pytest
 from omegaconf import open_dict
 from qa_pipeline import TRANSFORMERS4, pipeline_answers  # benchmarks/ (pytest's pythonpath)
 
-from qa_lightning.checkpoint_reading import read_checkpoint
-from qa_lightning.config import validate_train_config
+from qa_lightning.answers.settings import SETTINGS_FILE, InferenceSettings
+from qa_lightning.core.errors import ConfigError, DataError
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_train_windows
-from qa_lightning.errors import ConfigError, DataError
 from qa_lightning.evaluate import evaluate
 from qa_lightning.export import export
-from qa_lightning.inference import SETTINGS_FILE, InferenceSettings, QuestionAnswerer
 from qa_lightning.predict import predict
+from qa_lightning.runs.checkpoint_reading import read_checkpoint
+from qa_lightning.runs.config import validate_train_config
+from qa_lightning.serving.answerer import QuestionAnswerer
 from qa_lightning.train import train
 from tests.conftest import ROOT, TINY_OVERRIDES
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qa_lightning.callbacks import flatten
-from qa_lightning.config import resource_path
+from qa_lightning.answers.metrics import squad_v1_scores
+from qa_lightning.core.config import resource_path
 from qa_lightning.data.loading import load_local_file
-from qa_lightning.metrics import squad_v1_scores
+from qa_lightning.runs.callbacks import flatten
 from qa_lightning.train import train
 from tests.conftest import TINY_OVERRIDES, run_cli
 

@@ -13,10 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qa_lightning.errors import QAError, ResourceError
-from qa_lightning.integrity import disk_full_cause, free_space, write_atomic
+from qa_lightning.core.errors import QAError, ResourceError
+from qa_lightning.core.integrity import disk_full_cause, free_space, write_atomic
 
 T = TypeVar("T")
+#: The entry points' Hydra configs: the repository's ``conf/``, which the build installs as the
+#: package ``qa_lightning.conf`` (in a wheel and in an editable install alike).
+CONFIG_PATH = "pkg://qa_lightning.conf"
 log = logging.getLogger("qa_lightning")
 
 #: Causes of a failed ``hydra.utils.instantiate`` that come from the config (a key the target
@@ -157,6 +160,6 @@ def write_results(
 ) -> None:
     """A run's ``predictions.json`` (question id -> answer), then its ``metrics.json``: a run dir
     with ``metrics.json`` is complete. Each is written whole (``write``: see
-    :func:`~qa_lightning.integrity.write_atomic`)."""
+    :func:`~qa_lightning.core.integrity.write_atomic`)."""
     write(output_dir / "predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False))
     write(output_dir / "metrics.json", json.dumps(metrics, indent=2))

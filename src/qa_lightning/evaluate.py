@@ -21,29 +21,22 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qa_lightning.checkpoint_reading import (
+from qa_lightning.answers.config import validate_decoding_config
+from qa_lightning.answers.settings import SETTINGS_FILE, InferenceSettings, check_model_dir
+from qa_lightning.cli import CONFIG_PATH, explain_out_of_memory, report_errors, write_results
+from qa_lightning.core.config import register_resolvers, validate_max_length
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.core.integrity import write_atomic
+from qa_lightning.core.tokenizer import load_model_tokenizer
+from qa_lightning.data.config import validate_data_config
+from qa_lightning.runs.checkpoint_reading import (
     checkpoint_model_source,
     checkpoint_settings,
     load_checkpoint_file,
     read_checkpoint,
     trust_setting,
 )
-from qa_lightning.cli import explain_out_of_memory, report_errors, write_results
-from qa_lightning.config import (
-    register_resolvers,
-    validate_data_config,
-    validate_decoding_config,
-    validate_max_length,
-)
-from qa_lightning.errors import ConfigError
-from qa_lightning.inference import (
-    SETTINGS_FILE,
-    InferenceSettings,
-    check_model_dir,
-    resolve_onnx_path,
-)
-from qa_lightning.integrity import write_atomic
-from qa_lightning.tokenizer import load_model_tokenizer
+from qa_lightning.serving.answerer import resolve_onnx_path
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -285,7 +278,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> float:
     """Returns ``f1``."""
     return report_errors(lambda: evaluate(cfg))["f1"]

@@ -14,16 +14,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from qa_lightning.cli import explain_out_of_memory, report_errors
-from qa_lightning.config import register_resolvers
-from qa_lightning.errors import ConfigError
-from qa_lightning.inference import (
-    STDIO,
-    QuestionAnswerer,
-    check_inputs,
-    load_question_file,
-    write_answers,
-)
+from qa_lightning.cli import CONFIG_PATH, explain_out_of_memory, report_errors
+from qa_lightning.core.config import register_resolvers
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.serving.answerer import QuestionAnswerer, check_inputs
+from qa_lightning.serving.jsonl import STDIO, load_question_file, write_answers
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -143,7 +138,7 @@ def predict(cfg: DictConfig) -> Any:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 def main(cfg: DictConfig) -> None:
     report_errors(lambda: predict(cfg))
 

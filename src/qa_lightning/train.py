@@ -17,15 +17,16 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.checkpoint_reading import load_checkpoint_file, trust_setting
-from qa_lightning.cli import explain_out_of_memory, report_errors, write_results
-from qa_lightning.config import register_resolvers, validate_max_length, validate_train_config
-from qa_lightning.distill import attach_teacher_logits, check_teacher
-from qa_lightning.errors import ConfigError, ResourceError, TrainingError
-from qa_lightning.export import try_export_hf
-from qa_lightning.hardware import cpu_bf16_warning
-from qa_lightning.integrity import disk_full_error, free_space, is_disk_full, write_atomic
-from qa_lightning.tokenizer import load_model_tokenizer
+from qa_lightning.cli import CONFIG_PATH, explain_out_of_memory, report_errors, write_results
+from qa_lightning.core.config import register_resolvers, validate_max_length
+from qa_lightning.core.errors import ConfigError, ResourceError, TrainingError
+from qa_lightning.core.hardware import cpu_bf16_warning
+from qa_lightning.core.integrity import disk_full_error, free_space, is_disk_full, write_atomic
+from qa_lightning.core.tokenizer import load_model_tokenizer
+from qa_lightning.runs.checkpoint_reading import load_checkpoint_file, trust_setting
+from qa_lightning.runs.config import validate_train_config
+from qa_lightning.runs.teacher import attach_teacher_logits, check_teacher
+from qa_lightning.serving.exports import try_export_hf
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -34,8 +35,8 @@ register_resolvers()
 def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, bool]:
     """``ckpt_path`` if given, else with ``resume=true`` the run dir's last checkpoint; checked
     to be intact and safe to load (see
-    :func:`~qa_lightning.checkpoint_reading.load_checkpoint_file`) before any work. Returns it and
-    the ``weights_only`` to load it with."""
+    :func:`~qa_lightning.runs.checkpoint_reading.load_checkpoint_file`) before any work. Returns
+    it and the ``weights_only`` to load it with."""
     trust = trust_setting(cfg)
     if cfg.get("ckpt_path"):
         path, key = Path(cfg.ckpt_path), "ckpt_path"
@@ -110,7 +111,8 @@ def fit(
 def explain_disk_full(cfg: DictConfig) -> Iterator[None]:
     """A full disk inside the block (TensorBoard events, written by a background thread whose
     error surfaces at the next write) becomes a :class:`ResourceError` saying what is kept;
-    checkpoints raise their own (see :class:`~qa_lightning.checkpointing.AtomicCheckpointIO`)."""
+    checkpoints raise their own
+    (:class:`~qa_lightning.runs.checkpoint_writing.AtomicCheckpointIO`)."""
     try:
         yield
     except ResourceError:
@@ -247,7 +249,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the best ``val/f1``, the value a Hydra sweeper optimises."""
     if HydraConfig.get().mode == RunMode.MULTIRUN:

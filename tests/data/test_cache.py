@@ -6,7 +6,7 @@ from collections import Counter
 
 import datasets
 
-from qa_lightning.config import minilm_path, resource_path
+from qa_lightning.core.config import minilm_path, resource_path
 from qa_lightning.data import SquadDataModule
 from qa_lightning.data import datamodule as datamodule_module
 from qa_lightning.data.cache import cache_key, cached, examples_fingerprint

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
+from qa_lightning.core.errors import ConfigError
 from qa_lightning.data.collate import WindowCollator
 from qa_lightning.data.sampling import (
     DistributedBatchSampler,
@@ -17,7 +18,6 @@ from qa_lightning.data.sampling import (
     sorted_batches,
 )
 from qa_lightning.data.windowing import NO_OFFSET
-from qa_lightning.errors import ConfigError
 
 PAD = 7
 

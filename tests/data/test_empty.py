@@ -10,9 +10,9 @@ import datasets
 import pytest
 from hydra.utils import instantiate
 
+from qa_lightning.core.errors import DataError
 from qa_lightning.data.empty import drop_reasons, problem_kind, require_examples
 from qa_lightning.data.loading import load_local_file
-from qa_lightning.errors import DataError
 from tests.conftest import TINY_OVERRIDES, run_cli
 from tests.test_errors import cli_error
 from tests.test_errors_data import BAD, DEMO_VALIDATION, write_jsonl

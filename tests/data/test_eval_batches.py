@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from qa_lightning.config import minilm_path, resource_path
+from qa_lightning.core.config import minilm_path, resource_path
 from qa_lightning.data import SquadDataModule
 from tests.conftest import SHORT_WINDOWS
 

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qa_lightning.core.errors import ConfigError, DataError
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.records import check_records, record_problems
-from qa_lightning.errors import ConfigError, DataError
 
 RIVER = "The Thames flows through London."
 CAFE = "Le café ferme à 18 h."

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from qa_lightning.core.errors import ConfigError, DataError
 from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.readers import by_extension, mrqa_answers, mrqa_jsonl, squad_jsonl
 from qa_lightning.data.records import record_problems
-from qa_lightning.errors import ConfigError, DataError
 
 # index: Ada 0-2, Lovelace 4-11, program 29-35, "." 36, Lovelace 38-45, mathematician 53-65
 CONTEXT = "Ada Lovelace wrote the first program. Lovelace was a mathematician."

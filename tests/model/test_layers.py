@@ -17,11 +17,12 @@ from transformers import (
     RobertaConfig,
 )
 
-from qa_lightning.checkpoint_reading import checkpoint_model_config, load_checkpoint
-from qa_lightning.config import minilm_path, validate_train_config
-from qa_lightning.errors import ConfigError
+from qa_lightning.core.config import minilm_path
+from qa_lightning.core.errors import ConfigError
 from qa_lightning.model import load_qa_model
 from qa_lightning.model.layers import check_keep_layers
+from qa_lightning.runs.checkpoint_reading import checkpoint_model_config, load_checkpoint
+from qa_lightning.runs.config import validate_train_config
 
 #: MiniLM's vocabulary: the rebuilt checkpoints name its tokenizer, which must fit the model.
 SIZES = {"vocab_size": 30522, "max_position_embeddings": 64}

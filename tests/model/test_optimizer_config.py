@@ -11,8 +11,8 @@ import torch
 from hydra.utils import instantiate
 from transformers import get_scheduler
 
-from qa_lightning.config import validate_model_config
-from qa_lightning.errors import ConfigError
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.model.config import validate_model_config
 from qa_lightning.model.module import NO_DECAY, QAModule
 
 STEPS = 8  # the trainer's max_steps: the schedule's num_training_steps

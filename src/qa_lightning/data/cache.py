@@ -13,7 +13,12 @@ from typing import Any
 
 import datasets
 
-from qa_lightning.integrity import file_manifest, manifest_problems, staged_directory, writing
+from qa_lightning.core.integrity import (
+    file_manifest,
+    manifest_problems,
+    staged_directory,
+    writing,
+)
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from qa_lightning.data.windowing import NO_OFFSET
 #: The tokenizer outputs a model takes (``token_type_ids`` only where the tokenizer makes them).
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 #: A distillation teacher's per-token logits (float, one per token of the window; see
-#: :mod:`qa_lightning.distill`): padded with 0, which the loss masks with ``attention_mask``.
+#: :mod:`qa_lightning.runs.teacher`): padded with 0, which the loss masks with ``attention_mask``.
 TEACHER_LOGITS = ("teacher_start_logits", "teacher_end_logits")
 
 

@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.core.tokenizer import load_tokenizer
 from qa_lightning.data import cache
 from qa_lightning.data.collate import WindowCollator
 from qa_lightning.data.empty import drop_reasons, require_examples
@@ -27,8 +29,6 @@ from qa_lightning.data.sampling import (
     SortedBatchSampler,
 )
 from qa_lightning.data.windowing import make_eval_windows, make_train_windows, truncate_questions
-from qa_lightning.errors import ConfigError
-from qa_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 

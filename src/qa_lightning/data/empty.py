@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from qa_lightning.errors import DataError
+from qa_lightning.core.errors import DataError
 
 
 def problem_kind(problem: str) -> str:

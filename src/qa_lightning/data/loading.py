@@ -13,8 +13,8 @@ from typing import Any
 
 import datasets
 
+from qa_lightning.core.errors import ConfigError, DataError
 from qa_lightning.data.readers import COLUMNS, Reader, by_extension
-from qa_lightning.errors import ConfigError, DataError
 
 REQUIRED_FIELDS = ("id", "context", "question", "answers")
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from qa_lightning.errors import ConfigError, DataError
+from qa_lightning.core.errors import ConfigError, DataError
 
 COLUMNS = ("id", "title", "context", "question", "answers")
 #: A reader: path -> records with the fields of :data:`COLUMNS` (``title`` optional).

@@ -8,7 +8,7 @@ from typing import Literal
 
 import datasets
 
-from qa_lightning.errors import DataError
+from qa_lightning.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

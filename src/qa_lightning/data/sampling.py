@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
-from qa_lightning.errors import ConfigError
+from qa_lightning.core.errors import ConfigError
 
 
 def length_grouped_order(

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from qa_lightning.errors import Problem
+from qa_lightning.core.errors import Problem
 
 #: Special tokens a (question, context) pair adds at most (RoBERTa: <s> q </s></s> c </s>).
 PAIR_SPECIAL_TOKENS = 4

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from qa_lightning.errors import ConfigError
-from qa_lightning.tokenizer import load_model_config
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.core.tokenizer import load_model_config
 
 #: Where encoders keep their list of layers: BERT, MiniLM, RoBERTa, ELECTRA ...; DistilBERT.
 LAYER_LISTS = (("encoder", "layer"), ("transformer", "layer"))

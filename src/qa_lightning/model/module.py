@@ -13,16 +13,16 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from transformers import AutoConfig, AutoModelForQuestionAnswering, get_scheduler
 
+from qa_lightning.answers.metrics import squad_v1_scores, squad_v2_scores
+from qa_lightning.answers.postprocess import best_window_spans, example_answers, window_rows
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.core.plain import plain
+from qa_lightning.core.tokenizer import OFFLINE_HINT
 from qa_lightning.data.collate import MODEL_INPUTS
-from qa_lightning.distill import batch_distillation_loss, mixed_loss
-from qa_lightning.errors import ConfigError
-from qa_lightning.metrics import squad_v1_scores, squad_v2_scores
+from qa_lightning.model.distillation import batch_distillation_loss, mixed_loss
+from qa_lightning.model.files import CHECKPOINT_KEY as MODEL_FILES_KEY
+from qa_lightning.model.files import model_files
 from qa_lightning.model.layers import select_layers
-from qa_lightning.model_files import CHECKPOINT_KEY as MODEL_FILES_KEY
-from qa_lightning.model_files import model_files
-from qa_lightning.plain import plain
-from qa_lightning.postprocess import best_window_spans, example_answers, window_rows
-from qa_lightning.tokenizer import OFFLINE_HINT
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class QAModule(L.LightningModule):
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's cross-entropy on the labels; with ``distill``, mixed with the teacher's
-        soft targets (:func:`~qa_lightning.distill.mixed_loss`), both parts logged."""
+        soft targets (:func:`~qa_lightning.model.distillation.mixed_loss`), both parts logged."""
         inputs = {k: batch[k] for k in (*MODEL_INPUTS, "start_positions", "end_positions")}
         outputs = self.model(**{k: v for k, v in inputs.items() if k in batch})
         if not self.hparams.distill:

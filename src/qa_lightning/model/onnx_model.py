@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
-from qa_lightning.inference import OnnxLogits
+from qa_lightning.model.logits import OnnxLogits
 from qa_lightning.model.module import QAModule
 
 

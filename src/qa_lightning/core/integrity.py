@@ -2,7 +2,7 @@
 
 - :func:`write_atomic`: every file the project writes (``metrics.json``, ``predictions.json``,
   summaries, checkpoints) goes to ``<name>.<pid>.part`` beside it, is synced to disk, then renamed
-  over the target; a full disk is a :class:`~qa_lightning.errors.ResourceError` and leaves no
+  over the target; a full disk is a :class:`~qa_lightning.core.errors.ResourceError` and leaves no
   partial file.
 - :func:`staged_directory`: directories (window cache entries, exports) are written into a
   hidden sibling and renamed into place when complete.
@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from qa_lightning.errors import ResourceError
+from qa_lightning.core.errors import ResourceError
 
 #: What :func:`write_atomic` writes: text (UTF-8), bytes, or a function writing to a binary file.
 Content = str | bytes | Callable[[IO[bytes]], Any]

@@ -9,7 +9,7 @@ attention into one ``Attention`` operator (quantised whole). The recipe (``quant
 ``conf/export.yaml``) decides speed and accuracy; the default, chosen by measurement, is
 per-channel int8 weights of every fused ``Attention`` and MatMul (see ``docs/int8.md``). It is
 recorded under ``"quantization"`` in the export's ``qa_lightning.json`` and in the ONNX model's
-metadata, which :class:`~qa_lightning.inference.OnnxLogits` reads to warn on CPUs without int8
+metadata, which :class:`~qa_lightning.model.logits.OnnxLogits` reads to warn on CPUs without int8
 dot products.
 
 The export compares the int8 model's best answers and logits with fp32 PyTorch on a sample of
@@ -32,15 +32,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.config import check_types
-from qa_lightning.errors import ConfigError, ExportError
-from qa_lightning.inference import (
-    QUANTIZATION_METADATA_KEY,
-    LogitsFn,
-    OnnxLogits,
-    QuestionAnswerer,
-    TorchLogits,
-)
+from qa_lightning.core.config import check_types
+from qa_lightning.core.errors import ConfigError, ExportError
+from qa_lightning.model.logits import QUANTIZATION_METADATA_KEY, LogitsFn, OnnxLogits, TorchLogits
+from qa_lightning.serving.answerer import QuestionAnswerer
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +52,7 @@ DYNAMIC_OP_TYPES = (
     "EmbedLayerNormalization",
 )
 #: Key of the recipe and its check in ``qa_lightning.json`` (the model metadata uses
-#: :data:`~qa_lightning.inference.QUANTIZATION_METADATA_KEY`).
+#: :data:`~qa_lightning.model.logits.QUANTIZATION_METADATA_KEY`).
 SETTINGS_KEY = "quantization"
 
 
@@ -345,7 +340,7 @@ def checkpoint_validation_file(ckpt_path: str | Path | None) -> str | None:
     """The local validation file a checkpoint's data module read, if it still exists."""
     if not ckpt_path:
         return None
-    from qa_lightning.checkpoint_reading import read_checkpoint
+    from qa_lightning.runs.checkpoint_reading import read_checkpoint
 
     data = read_checkpoint(ckpt_path).get("datamodule_hyper_parameters") or {}
     path = data.get("validation_file")
@@ -403,7 +398,7 @@ def quantize_export(
     if validation_file:
         questions, contexts = sample_questions(validation_file, cfg.validation_samples)
     else:
-        from qa_lightning.export import CHECK_PAIRS
+        from qa_lightning.serving.exports import CHECK_PAIRS
 
         log.warning(
             "no validation data to compare the int8 answers with fp32's: give "

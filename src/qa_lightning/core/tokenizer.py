@@ -9,8 +9,8 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from qa_lightning.errors import ConfigError
-from qa_lightning.plain import plain
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.core.plain import plain
 
 OFFLINE_HINT = (
     "Without network access, use a local model directory (model=minilm is the sentence-"

@@ -9,8 +9,8 @@
 - :func:`load_checkpoint` (and :func:`load_model_dir` for an exported directory): the trained
   Hugging Face model with its tokenizer and settings, for export, distillation and int8 checks.
 
-Checkpoints are written by training (:mod:`qa_lightning.checkpointing`); this module imports
-nothing of the entry points.
+Checkpoints are written by training (:mod:`qa_lightning.runs.checkpoint_writing`); this module
+imports nothing of the entry points.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from qa_lightning.config import NULL_THRESHOLD_BEST
-from qa_lightning.errors import ConfigError, ExportError
-from qa_lightning.inference import InferenceSettings, check_model_dir
-from qa_lightning.integrity import CHUNK
-from qa_lightning.model_files import CHECKPOINT_KEY as MODEL_FILES_KEY
-from qa_lightning.model_files import has_config, has_tokenizer, write_model_files
-from qa_lightning.plain import plain
-from qa_lightning.tokenizer import check_tokenizer_fits, load_tokenizer, model_vocab_size
+from qa_lightning.answers.config import NULL_THRESHOLD_BEST
+from qa_lightning.answers.settings import InferenceSettings, check_model_dir
+from qa_lightning.core.errors import ConfigError, ExportError
+from qa_lightning.core.integrity import CHUNK
+from qa_lightning.core.plain import plain
+from qa_lightning.core.tokenizer import check_tokenizer_fits, load_tokenizer, model_vocab_size
+from qa_lightning.model.files import CHECKPOINT_KEY as MODEL_FILES_KEY
+from qa_lightning.model.files import has_config, has_tokenizer, write_model_files
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qa_lightning.core.errors import Problem
 from qa_lightning.data.windowing import NO_OFFSET
-from qa_lightning.errors import Problem
 
 #: ``utils_qa.py``'s decoding: the best starts and ends paired per window, the longest answer.
 REFERENCE_DECODING = {"n_best": 20, "max_answer_length": 30}

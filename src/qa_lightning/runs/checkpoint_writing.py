@@ -1,14 +1,14 @@
 """Checkpoints that survive crashes and pre-emption, and resume training exactly.
 
 - :class:`AtomicCheckpointIO` (``trainer.plugins``): a crash while saving keeps the previous file;
-  a full disk is a :class:`~qa_lightning.errors.ResourceError` saying so.
+  a full disk is a :class:`~qa_lightning.core.errors.ResourceError` saying so.
 - :class:`LastCheckpoint` (``callbacks.last_checkpoint``): ``last.ckpt`` every N steps, at every
   epoch end, and when training stops on an exception or signal (SIGTERM: Lightning stops after
   the current batch and calls ``on_exception``), except a non-finite loss or a full disk.
 
 Checkpoints hold only tensors and plain Python values (dict, list, tuple, str, int, float, bool,
-None): hyperparameters are saved as plain containers (:func:`~qa_lightning.plain.plain`), RNG
-states as tensors. :mod:`qa_lightning.checkpoint_reading` reads them back.
+None): hyperparameters are saved as plain containers (:func:`~qa_lightning.core.plain.plain`), RNG
+states as tensors. :mod:`qa_lightning.runs.checkpoint_reading` reads them back.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from qa_lightning.errors import ResourceError
-from qa_lightning.integrity import free_space, is_disk_full, write_atomic
+from qa_lightning.core.errors import ResourceError
+from qa_lightning.core.integrity import free_space, is_disk_full, write_atomic
 
 log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint with :func:`~qa_lightning.integrity.write_atomic` (to
+    """Writes a checkpoint with :func:`~qa_lightning.core.integrity.write_atomic` (to
     ``<name>.<pid>.part`` beside it, synced to disk, then renamed).
 
     Lightning's own save goes through a temporary file under ``/tmp`` and ``shutil.move``, which

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qa_lightning.errors import ConfigError
+from qa_lightning.core.errors import ConfigError
 
 #: Checkpoint key of the embedded files.
 CHECKPOINT_KEY = "qa_model_files"

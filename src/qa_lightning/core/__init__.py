@@ -1,0 +1,2 @@
+"""What every part builds on: errors, generic config checks, hardware, atomic writes,
+tokenizers."""

@@ -1,0 +1,126 @@
+"""Models as logits functions: a collated batch of windows -> ``(start_logits, end_logits)`` on the
+CPU, run with PyTorch (fp32 or autocast) or with onnxruntime; the device and precision they run in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from qa_lightning.core.config import auto_precision
+from qa_lightning.core.errors import ConfigError
+from qa_lightning.core.hardware import cpu_bf16_warning, cpu_int8_warning
+from qa_lightning.data.collate import MODEL_INPUTS
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("start_logits", "end_logits")
+#: Metadata key of a quantised ONNX model: its recipe as JSON (:mod:`qa_lightning.serving.int8`).
+QUANTIZATION_METADATA_KEY = "qa_lightning.quantization"
+#: ``precision`` of the PyTorch backend -> autocast dtype (``None``: fp32), as Lightning names them.
+AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+class LogitsFn(Protocol):
+    """A model: a collated batch of windows -> ``(start_logits, end_logits)`` on the CPU."""
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class TorchLogits:
+    """An ``AutoModelForQuestionAnswering`` run with PyTorch, in fp32 or under autocast
+    (``precision``: a key of :data:`AUTOCAST_DTYPES`)."""
+
+    def __init__(
+        self, model: torch.nn.Module, device: str = "cpu", precision: str = "32-true"
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = AUTOCAST_DTYPES[precision]
+        self.model = model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None):
+            outputs = self.model(**inputs)
+        return outputs.start_logits.float().cpu(), outputs.end_logits.float().cpu()
+
+
+class OnnxLogits:
+    """An ONNX export (see :mod:`qa_lightning.export`) run with onnxruntime."""
+
+    def __init__(self, onnx_path: str | Path, providers: Sequence[str] | None = None) -> None:
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise ConfigError(
+                "the ONNX backend needs onnxruntime: pip install 'qa-lightning[export]' "
+                "(or use backend=torch with model_dir=PATH)."
+            ) from error
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(onnx_path), providers=list(providers or ["CPUExecutionProvider"])
+            )
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise ConfigError(
+                f"onnx_path='{onnx_path}' is not a model onnxruntime can load "
+                f"({type(error).__name__}: {str(error).strip()[:200]}); export it again with "
+                "python -m qa_lightning.export ckpt_path=... format=onnx."
+            ) from error
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        quantization = metadata.get(QUANTIZATION_METADATA_KEY)
+        #: the recipe of a quantised export (``None``: fp32)
+        self.quantization = json.loads(quantization) if quantization else None
+        if self.quantization and (warning := cpu_int8_warning(f"onnx_path='{onnx_path}' (int8)")):
+            log.warning(warning)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [name for name in self.input_names if name not in batch]
+        if missing:
+            raise ConfigError(
+                f"the ONNX model needs input(s) {missing} that its tokenizer does not produce; "
+                "export the ONNX model from the same model directory as the tokenizer."
+            )
+        feeds = {name: batch[name].numpy() for name in self.input_names}
+        start_logits, end_logits = self.session.run(list(OUTPUT_NAMES), feeds)
+        return torch.from_numpy(start_logits).float(), torch.from_numpy(end_logits).float()
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: the GPU when there is one, else the CPU; other values are checked to name a
+    device torch knows and that this machine has."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(
+            f"invalid config: device={device!r} is not a torch device; use auto, cpu, cuda or "
+            "cuda:N."
+        ) from error
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={device!r} but this machine has no CUDA GPU that torch can use; use "
+            "device=cpu (or device=auto)."
+        )
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: what training defaults to on ``device`` (bf16-mixed on GPUs and on CPUs with
+    native bf16, else fp32); other values are checked against :data:`AUTOCAST_DTYPES`."""
+    if precision == "auto":
+        return auto_precision(device)
+    if precision not in AUTOCAST_DTYPES:
+        raise ConfigError(
+            f"invalid config: precision={precision!r}; use auto, {', '.join(AUTOCAST_DTYPES)}."
+        )
+    if warning := cpu_bf16_warning(torch.device(device).type, precision, "precision", "32-true"):
+        log.warning(warning)
+    return precision
