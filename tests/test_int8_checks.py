@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from qa_lightning.inference import InferenceSettings, TorchLogits
 
+from qa_lightning.answers.settings import InferenceSettings
 from qa_lightning.core.config import minilm_path, resource_path
 from qa_lightning.core.errors import ExportError
 from qa_lightning.data.loading import load_local_file
+from qa_lightning.model.logits import TorchLogits
 from qa_lightning.runs.checkpoint_reading import Exported
 from qa_lightning.serving.exports import export_checked_onnx
 from tests.conftest import CONF_DIR
