@@ -232,3 +232,55 @@ def test_cli_train_with_the_window_cache_on_a_full_disk_exits_2(small_disk, tmp_
     assert f"no space left on the disk of '{disk}'" in line
     assert "while writing the window cache entry" in line
     assert left_behind(disk) == []
+
+
+# -- the run dir: Hydra's files, the log file, then training's own writers ----------------------
+
+
+def test_cli_train_with_the_run_dir_on_a_full_disk_exits_2_and_writes_nothing(small_disk):
+    disk = small_disk(0)
+    result = run_cli("qa_lightning.train", *TINY_OVERRIDES, f"hydra.run.dir={disk / 'run'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: no space left on the disk of '{disk / 'run'}' (")
+    assert left_behind(disk) == []
+
+
+def test_cli_train_filling_the_disk_of_its_run_dir_exits_2(small_disk, tmp_path):
+    """Room for Hydra's files and the log, not for a checkpoint: one paragraph, one warning for
+    the log file at most, no traceback, no partial checkpoint."""
+    disk = small_disk(1 << 20)
+    run_dir = disk / "run"
+    result = run_cli(
+        "qa_lightning.train",
+        *TINY_OVERRIDES,
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Logging error" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: no space left on the disk of '{run_dir}")
+    assert not list(run_dir.rglob("*.part"))
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_a_log_file_on_a_full_disk_warns_once_without_a_traceback(small_disk, capsys):
+    import logging
+
+    from qa_lightning.cli import quiet_full_log_files
+
+    disk = small_disk(0)
+    handler = logging.FileHandler(disk / "train.log")
+    logger = logging.getLogger()
+    logger.addHandler(handler)
+    try:
+        quiet_full_log_files()
+        for _ in range(3):
+            logger.warning("x" * 10_000)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and "Logging error" not in stderr
+    assert stderr.count(f"warning: no space left on the disk of '{disk}'") == 1
