@@ -246,6 +246,7 @@ def test_cli_train_with_the_run_dir_on_a_full_disk_exits_2_and_writes_nothing(sm
     assert left_behind(disk) == []
 
 
+@pytest.mark.slow
 def test_cli_train_filling_the_disk_of_its_run_dir_exits_2(small_disk, tmp_path):
     """Room for Hydra's files and the log, not for a checkpoint: one paragraph, one warning for
     the log file at most, no traceback, no partial checkpoint."""
