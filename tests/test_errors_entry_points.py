@@ -349,7 +349,7 @@ def test_report_on_a_full_disk_says_so(tmp_path, capsys, monkeypatch) -> None:
     def full(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(report, "write_atomic", full)
+    monkeypatch.setattr(sweep_report, "write_atomic", full)
     assert report.main([str(sweep)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
