@@ -9,6 +9,7 @@ mounted; the ``patched`` tests raise ``ENOSPC`` from inside the writer instead a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -285,3 +286,39 @@ def test_a_log_file_on_a_full_disk_warns_once_without_a_traceback(small_disk, ca
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr and "Logging error" not in stderr
     assert stderr.count(f"warning: no space left on the disk of '{disk}'") == 1
+
+
+def test_cli_predict_answers_to_standard_output_on_a_full_disk(small_disk, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    model_dir = save_tiny_model_dir(tmp_path / "hf", SETTINGS)
+    questions = tmp_path / "questions.jsonl"
+    line = json.dumps({"question": "Who? " * 20, "context": "The committee wrote it. " * 20})
+    questions.write_text((line + "\n") * 200)
+    disk = small_disk(0)
+    with open(disk / "answers.jsonl", "w") as output:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qa_lightning.predict",
+                f"model_dir={model_dir}",
+                f"input={questions}",
+                "output=-",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ],
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            timeout=600,
+        )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (error,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert error.startswith("error: no space left on the disk of ")
+    assert "No space left on device" in error
