@@ -12,9 +12,12 @@ recorded under ``"quantization"`` in the export's ``qa_lightning.json`` and in t
 metadata, which :class:`~qa_lightning.model.logits.OnnxLogits` reads to warn on CPUs without int8
 dot products.
 
-The export compares the int8 model's best answers and logits with fp32 PyTorch on a sample of
-validation questions (``validation_file``, by default the checkpoint's) and warns when fewer than
-``min_agreement`` of the best answers are the same.
+The export checks what ships: the fused fp32 graph against PyTorch (``atol``) before it is
+quantised, then the int8 file's answers against fp32 PyTorch's on a sample of validation
+questions (``validation_file``, by default the checkpoint's), in unpadded and padded batches. It
+warns only on a real loss: F1 against the gold answers more than ``max_f1_drop`` points below
+fp32's, or without gold answers a mean overlap F1 with fp32's answers below ``min_agreement``
+(:func:`agreement_problem`).
 """
 
 from __future__ import annotations
