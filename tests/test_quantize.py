@@ -318,6 +318,7 @@ def test_missing_quantization_tools_stop_the_export_with_exit_2(
         (["quantize=int8", "+quantization.symmetric=true"], "unknown key(s) quantization."),
         (["quantize=int8", "validation_samples=0"], "validation_samples=0"),
         (["quantize=int8", "min_agreement=95"], "min_agreement=95; give a share in [0, 1]"),
+        (["quantize=int8", "max_f1_drop=-1"], "max_f1_drop=-1; give F1 points in [0, 100]"),
         (["quantize=int8", "validation_file=/no/such.json"], "validation_file='/no/such.json'"),
     ],
 )
