@@ -120,11 +120,19 @@ def test_int8_export_quantises_the_weights_and_records_recipe_and_agreement(
     assert agreement["questions"] == 30 and agreement["windows"] >= 30
     assert agreement["share"] == round(agreement["same_best_answer"] / 30, 4) >= 0.9
     assert 0 < agreement["max_abs_logit_diff"] < 0.1
+    assert agreement["padded_windows"] > 0  # the padded batches' attention mask was checked
+    # labelled questions: both models scored against the gold answers
+    worst = min(agreement["candidate_scores"]["f1"], agreement["padded_candidate_scores"]["f1"])
+    assert agreement["f1_drop"] == round(agreement["reference_scores"]["f1"] - worst, 4)
+    checks = record["checks"]
+    assert checks["fused fp32 graph vs fp32 PyTorch"]["max_abs_logit_diff"] <= 1e-4
+    assert checks["int8 model.onnx vs fp32 PyTorch"]["f1_drop"] == agreement["f1_drop"]
     printed = re.search(r"same best answer for (\d+)/30", int8_export["stdout"])
     assert int(printed.group(1)) == agreement["same_best_answer"]
+    assert "checked the fused fp32 graph vs fp32 PyTorch" in int8_export["stdout"]
     # the model carries its recipe too (without the agreement), for the VNNI warning
     meta = OnnxLogits(out_dir / "model.onnx").quantization
-    assert meta == {k: v for k, v in record.items() if k != "agreement"}
+    assert meta == {k: v for k, v in record.items() if k not in ("agreement", "checks")}
 
 
 def test_int8_export_answers_through_predict_backend_onnx(int8_export, tmp_path: Path) -> None:
@@ -257,7 +265,9 @@ def test_compare_answers_of_shifted_logits(random_onnx, tokenizer, validation) -
     assert agreement.questions == 10 and agreement.same_best_answer == 10
     assert agreement.windows == len(windows["input_ids"])
     assert agreement.max_abs_logit_diff == pytest.approx(0.5, abs=1e-5)
-    assert Agreement(40, 41, 38, 0.1).share == 0.95
+    assert agreement.answer_f1 == agreement.padded_answer_f1 == 100.0
+    share = Agreement(40, 41, 0, 38, in_reference_top3=1.0, answer_f1=99.0, max_abs_logit_diff=0.1)
+    assert share.share == 0.95 and share.f1_drop is None
 
 
 def test_int8_model_warns_on_a_cpu_without_int8_dot_products(
@@ -308,6 +318,7 @@ def test_missing_quantization_tools_stop_the_export_with_exit_2(
         (["quantize=int8", "+quantization.symmetric=true"], "unknown key(s) quantization."),
         (["quantize=int8", "validation_samples=0"], "validation_samples=0"),
         (["quantize=int8", "min_agreement=95"], "min_agreement=95; give a share in [0, 1]"),
+        (["quantize=int8", "max_f1_drop=-1"], "max_f1_drop=-1; give F1 points in [0, 100]"),
         (["quantize=int8", "validation_file=/no/such.json"], "validation_file='/no/such.json'"),
     ],
 )

@@ -10,11 +10,12 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from qa_lightning.core.errors import QAError, ResourceError
-from qa_lightning.core.integrity import write_atomic
+from qa_lightning.core.integrity import disk_full_cause, free_space, is_disk_full, write_atomic
 
 T = TypeVar("T")
 #: The entry points' Hydra configs: the repository's ``conf/``, which the build installs as the
@@ -34,6 +35,7 @@ def report_errors(task: Callable[[], T]) -> T:
     Hydra cannot instantiate (see :func:`user_error`). Anything else is a bug and keeps its
     traceback. ``HYDRA_FULL_ERROR=1`` lets the full traceback through in every case.
     """
+    quiet_full_log_files()
     try:
         return task()
     except Exception as error:
@@ -45,6 +47,31 @@ def report_errors(task: Callable[[], T]) -> T:
         sys.exit(2)
 
 
+def quiet_full_log_files() -> None:
+    """A log file (Hydra's ``<task>.log``) on a full disk: one warning line on standard error,
+    then that file is no longer written, instead of ``logging``'s traceback for every record.
+    The console keeps the log; the writer that fails next reports the full disk (exit 2)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and "handleError" not in vars(handler):
+            handler.handleError = partial(_log_file_error, handler, handler.handleError)
+
+
+def _log_file_error(
+    handler: logging.FileHandler, handle_error: Callable, record: logging.LogRecord
+) -> None:
+    error = sys.exc_info()[1]
+    if not is_disk_full(error):
+        handle_error(record)
+        return
+    handler.setLevel(logging.CRITICAL + 1)  # nothing more to this file
+    path = Path(handler.baseFilename)
+    print(
+        f"warning: no space left on the disk of '{path.parent}' ({free_space(path.parent)}) "
+        f"for the log file '{path}'; it is no longer written (the console shows the log).",
+        file=sys.stderr,
+    )
+
+
 def user_error(error: BaseException) -> str | None:
     """The one-paragraph message for an error caused by the user's input, else ``None``."""
     from hydra.errors import InstantiationException
@@ -52,6 +79,8 @@ def user_error(error: BaseException) -> str | None:
 
     if isinstance(error, QAError):
         return one_paragraph(str(error))
+    if full := disk_full_cause(error):
+        return one_paragraph(str(disk_full_anywhere(full)))
     cause = error.__cause__
     if isinstance(error, InstantiationException | OmegaConfBaseException) and (
         qa_error := _qa_error_in_chain(error)
@@ -74,6 +103,19 @@ def user_error(error: BaseException) -> str | None:
             "add --cfg job to the command to print the composed config."
         )
     return None
+
+
+def disk_full_anywhere(error: BaseException) -> ResourceError:
+    """A full disk that no writer translated (see :func:`~qa_lightning.integrity.writing`): the
+    file the system named, else the working directory, with its free space."""
+    path = Path(error.filename) if getattr(error, "filename", None) else None
+    where = path.parent if path is not None else Path.cwd()
+    return ResourceError(
+        f"no space left on the disk of '{where}' ({free_space(where)})"
+        + (f" while writing '{path}'" if path is not None else "")
+        + f" ({type(error).__name__}: {error}). Free disk space, or write to a disk with room "
+        "(hydra.run.dir=DIR, paths.cache_dir=DIR), and run again."
+    )
 
 
 def _qa_error_in_chain(error: BaseException) -> QAError | None:

@@ -64,8 +64,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             f"cannot write the export to out_dir='{out_dir}' ({error.strerror or error}); free "
             "disk space or give a writable out_dir=DIR."
         ) from error
+    checked = " (of the fp32 graph traced before fusion and quantisation)" if recipe else ""
     print(
-        f"wrote {onnx_path}; max abs diff of start/end logits, onnxruntime vs PyTorch: {diff:.2e}"
+        f"wrote {onnx_path}; max abs diff of start/end logits, onnxruntime vs PyTorch: "
+        f"{diff:.2e}{checked}"
     )
     return {"format": "onnx", "path": str(onnx_path), "max_abs_diff": diff, **extra}
 

@@ -25,7 +25,9 @@ from qa_lightning.core.integrity import disk_full_error, free_space, is_disk_ful
 from qa_lightning.core.tokenizer import load_model_tokenizer
 from qa_lightning.runs.checkpoint_reading import load_checkpoint_file, trust_setting
 from qa_lightning.runs.config import validate_train_config
+from qa_lightning.runs.monitoring import log_run_files
 from qa_lightning.runs.teacher import attach_teacher_logits, check_teacher
+from qa_lightning.runs.tuning import find_lr
 from qa_lightning.serving.exports import try_export_hf
 
 log = logging.getLogger(__name__)
@@ -194,8 +196,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     # trainer first: its config errors (precision, accelerator ...) surface before any work
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    # every entry of callbacks and logger (logger=[tensorboard,mlflow]: several); an entry that
+    # instantiates to None is off (callbacks.early_stopping while its patience is null)
+    callbacks = [c for c in map(instantiate, (cfg.get("callbacks") or {}).values()) if c]
+    loggers = [c for c in map(instantiate, (cfg.get("logger") or {}).values()) if c]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     datamodule = instantiate(cfg.data)
     if trainer.local_rank == 0:  # tokenised once per machine; data errors before the model loads
@@ -206,6 +210,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # hyperparameters reach the loggers once, from callbacks.hparams_summary
     # (the run dir's config_resolved.yaml holds the whole config)
     model = instantiate(cfg.model)
+    tuned = None
+    if cfg.get("tune") and not ckpt_path:  # a resumed run keeps its learning rate
+        tuned = find_lr(trainer, model, datamodule, cfg.tune, output_dir)
 
     start = time.perf_counter()
     fit(trainer, model, datamodule, cfg, ckpt_path, weights_only)
@@ -222,6 +229,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_tokens_per_window": model.train_tokens_per_window,
         "validation_questions": len(datamodule.val_examples),
         "skipped_records": {split: len(ids) for split, ids in datamodule.skipped.items()},
+        **({"tune": tuned} if tuned else {}),
         "best_checkpoint": trainer.checkpoint_callback.best_model_path
         if trainer.checkpoint_callback
         else None,
@@ -233,6 +241,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not trainer.is_global_zero:  # DDP: rank 0 writes the run's files
         return metrics
     write_results(output_dir, model.best_predictions, metrics, write)
+    run_files = ["metrics.json", "predictions.json"]
+    log_run_files(trainer.loggers, [*(output_dir / f for f in run_files), metrics.get("hf_model")])
     log.info(
         "best val/f1 %.2f (em %.2f) at epoch %d; run dir %s",
         model.best["f1"],

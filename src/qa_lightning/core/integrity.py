@@ -6,6 +6,9 @@
   partial file.
 - :func:`staged_directory`: directories (window cache entries, exports) are written into a
   hidden sibling and renamed into place when complete.
+- :func:`writing`: the one place where a full disk (``ENOSPC``, ``EDQUOT``, also when a library
+  such as pyarrow or onnx raised it from deep inside) becomes a
+  :class:`~qa_lightning.errors.ResourceError` naming what was written, where, and the free space.
 - :func:`file_manifest` / :func:`manifest_problems`: sizes and SHA-256 digests recorded when a
   directory is written, compared when it is read back.
 """
@@ -61,15 +64,36 @@ def write_atomic(
     return path
 
 
-def is_disk_full(error: BaseException | None) -> bool:
-    """``error``, or an exception it was raised from, says the disk (or quota) is full."""
+#: How a full disk reads in the message of an error raised without an ``errno``: pyarrow's
+#: ``OSError``, safetensors' ``SafetensorError`` (Rust's ``os error 28``), onnx's and protobuf's
+#: errors carry the C library's message as text.
+DISK_FULL_TEXTS = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "[Errno 28]",
+    "[Errno 122]",
+    "os error 28)",
+    "os error 122)",
+)
+
+
+def disk_full_cause(error: BaseException | None) -> BaseException | None:
+    """The error saying the disk (or quota) is full that ``error`` is, or was raised from: an
+    ``OSError`` with ``ENOSPC``/``EDQUOT``, or any error whose message says so (a library's)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+        if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+            text in str(error) for text in DISK_FULL_TEXTS
+        ):
+            return error
         error = error.__cause__ or error.__context__
-    return False
+    return None
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """``error``, or an exception it was raised from, says the disk (or quota) is full."""
+    return disk_full_cause(error) is not None
 
 
 def free_space(directory: Path) -> str:
@@ -79,18 +103,44 @@ def free_space(directory: Path) -> str:
         return "free space unknown"
 
 
-def disk_full_error(path: Path, error: BaseException, advice: str = "") -> ResourceError:
-    """A full disk while writing ``path``: the free space, what was kept, how to make room."""
+def disk_full_error(
+    path: Path, error: BaseException, advice: str = "", what: str = ""
+) -> ResourceError:
+    """A full disk while writing ``path`` (``what``: e.g. ``"the window cache entry"``): the free
+    space, what was kept, how to make room."""
+    path = Path(path)
     kept = (
         f"the previous '{path.name}' is kept intact"
-        if path.is_file()
+        if path.exists()
         else f"no partial '{path.name}' was left"
     )
+    cause = disk_full_cause(error) or error
     return ResourceError(
         f"no space left on the disk of '{path.parent}' ({free_space(path.parent)}) while writing "
-        f"'{path}' ({type(error).__name__}: {error}); {kept}. Free disk space, or write to a disk "
-        "with room (hydra.run.dir=DIR)" + (f"; {advice}" if advice else ".")
+        f"{what + ' ' if what else ''}'{path}' ({type(cause).__name__}: {cause}); {kept}. Free "
+        "disk space, or write to a disk with room (hydra.run.dir=DIR)"
+        + (f"; {advice}" if advice else ".")
     )
+
+
+@contextmanager
+def writing(path: str | Path, what: str = "", advice: str = "") -> Iterator[None]:
+    """A full disk inside the block (see :func:`is_disk_full`: also one that a library raised as
+    another error type, or chained) becomes :func:`disk_full_error` for ``path``; other errors,
+    and a :class:`ResourceError` raised inside, propagate unchanged.
+
+    The block is expected to write ``path`` whole or not at all (:func:`write_atomic`,
+    :func:`staged_directory`), so that the message can say the previous file is kept or no
+    partial one was left.
+    """
+    try:
+        yield
+    except ResourceError:
+        raise
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise disk_full_error(Path(path), error, advice, what) from error
 
 
 # -- directories -------------------------------------------------------------------------------

@@ -13,7 +13,12 @@ from typing import Any
 
 import datasets
 
-from qa_lightning.core.integrity import file_manifest, manifest_problems, staged_directory
+from qa_lightning.core.integrity import (
+    file_manifest,
+    manifest_problems,
+    staged_directory,
+    writing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +60,18 @@ def cache_key(**parts: Any) -> str:
 
 
 def cached(
-    cache_dir: str | Path | None, key: str, build: Callable[[], datasets.Dataset]
+    cache_dir: str | Path | None,
+    key: str,
+    build: Callable[[], datasets.Dataset],
+    what: str = "the window cache entry",
 ) -> datasets.Dataset:
     """Load the windows saved under ``key``, or build, save (atomically) and reload them.
 
     Reloaded windows are memory-mapped Arrow files, checked against the manifest written with
     them; a damaged entry (a file cut short or altered, no manifest, or one that does not load)
     is never used: it is rebuilt, with a warning naming it. With ``cache_dir=None`` nothing is
-    cached.
+    cached. A full disk while saving is a :class:`~qa_lightning.errors.ResourceError` naming the
+    entry (``what``) and the free space; nothing of the entry is left.
     """
     if cache_dir is None:
         return build()
@@ -79,7 +88,11 @@ def cached(
         log.warning("the window cache entry '%s' is damaged (%s); rebuilding it", target, problem)
         discard(target)
     windows = build()
-    with staged_directory(target, replace=False) as staging:
+    advice = (
+        "or set paths.cache_dir=DIR to a disk with room (paths.cache_dir=null: no cache, the "
+        "data is tokenised again by every run)."
+    )
+    with writing(target, what, advice), staged_directory(target, replace=False) as staging:
         windows.save_to_disk(str(staging))
         (staging / MANIFEST).write_text(json.dumps(file_manifest(staging), indent=1))
     log.info("cached windows in %s", target)

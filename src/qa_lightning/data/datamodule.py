@@ -17,6 +17,7 @@ from qa_lightning.core.errors import ConfigError
 from qa_lightning.core.tokenizer import load_tokenizer
 from qa_lightning.data import cache
 from qa_lightning.data.collate import WindowCollator
+from qa_lightning.data.empty import drop_reasons, require_examples
 from qa_lightning.data.loading import load_hub_split, load_local_file
 from qa_lightning.data.readers import Reader
 from qa_lightning.data.records import OnBadRecord, check_records
@@ -108,9 +109,14 @@ class SquadDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"no {split} data: set data.{split}_file=PATH or data.dataset_name (e.g. squad)."
             )
+        what = "training questions" if split == "train" else "validation questions"
+        require_examples(examples, what, source, "reading it", {})
+        ids = examples["id"][:]
         examples, self.skipped[split] = check_records(
             examples, source, hp.on_bad_record, allow_unanswerable=hp.version_2_with_negative
         )
+        option = f"data.on_bad_record={hp.on_bad_record}"
+        require_examples(examples, what, source, option, drop_reasons(ids, self.skipped[split]))
         if samples is not None:
             if samples > len(examples):
                 raise ConfigError(
@@ -118,6 +124,7 @@ class SquadDataModule(L.LightningDataModule):
                     f"of {source}; lower it, or set it to null to use them all."
                 )
             examples = examples.shuffle(seed=hp.sample_seed).select(range(samples))
+            require_examples(examples, what, source, f"data.{split}_samples={samples}", {})
         return examples.flatten_indices()
 
     def _truncate_long_questions(self, examples: datasets.Dataset) -> datasets.Dataset:
@@ -166,7 +173,18 @@ class SquadDataModule(L.LightningDataModule):
                 desc=f"windowing {'train' if train else 'validation'} examples",
             )
 
-        return cache.cached(hp.cache_dir, key, build)
+        def checked_build() -> datasets.Dataset:
+            windows = build()
+            require_examples(
+                windows,
+                "windows",
+                f"the {len(examples)} {'training' if train else 'validation'} questions",
+                f"windowing (data.max_length={hp.max_length}, data.stride={hp.stride})",
+                {},
+            )
+            return windows
+
+        return cache.cached(hp.cache_dir, key, checked_build)
 
     def prepare_data(self, stage: str | None = None) -> None:
         """Tokenises the windows that ``stage`` (default: the trainer's, else ``"fit"``) needs

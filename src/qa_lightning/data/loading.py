@@ -57,7 +57,16 @@ def load_local_file(path: str | Path, reader: Reader | None = None) -> datasets.
             f"data file '{path}' is a directory, not a file; give the SQuAD json, jsonl or "
             "parquet file in it (data.train_file / data.validation_file)."
         )
-    return _to_dataset(path, (reader or by_extension)(path))
+    examples = _to_dataset(path, (reader or by_extension)(path))
+    if not len(examples):
+        function = getattr(reader, "func", reader) or by_extension  # Hydra gives a partial
+        name = getattr(function, "__name__", type(function).__name__)
+        raise DataError(
+            f"data file '{path}' holds no questions: the reader ({name}, data.reader) yielded "
+            "no records. Check that the file is not empty and that data.reader reads its format "
+            "(SQuAD json, jsonl or parquet by default)."
+        )
+    return examples
 
 
 def _normalise_answers(answers: Any) -> dict[str, list]:
@@ -96,8 +105,6 @@ def _to_dataset(path: Path, records: list[Any]) -> datasets.Dataset:
         columns["context"].append(str(record["context"]))
         columns["question"].append(str(record["question"]))
         columns["answers"].append(answers)
-    if not columns["id"]:
-        raise DataError(f"data file '{path}' holds no questions.")
     features = datasets.Features(
         id=datasets.Value("string"),
         title=datasets.Value("string"),

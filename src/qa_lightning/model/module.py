@@ -49,17 +49,27 @@ def load_qa_model(
     ``name_or_path``'s updated with ``config_overrides`` (e.g. a 2-layer model for tests); with
     ``keep_layers`` only those transformer layers of it (a student, see :mod:`.layers`).
 
-    Weights are fp32 whatever the checkpoint stores (transformers 5 keeps a fp16/bf16 checkpoint's
-    dtype): mixed precision trains fp32 master weights, and 16-mixed's grad scaler rejects fp16.
+    Weights are fp32 whatever the checkpoint stores or the config's ``dtype`` says (transformers
+    5 builds and loads in that dtype, common on the hub as float16/bfloat16): mixed precision
+    trains fp32 master weights, 16-mixed's grad scaler rejects fp16, and fp32 weights loaded back
+    into a rebuilt model (a checkpoint, a teacher, the fp32 reference of the int8 check) must not
+    be rounded. The model's config then says float32.
     """
+    overrides = {
+        key: value
+        for key, value in (config_overrides or {}).items()
+        if key not in ("dtype", "torch_dtype")
+    }
     try:
         if from_scratch:
-            config = AutoConfig.from_pretrained(name_or_path, **(config_overrides or {}))
-            model = AutoModelForQuestionAnswering.from_config(config)
+            config = AutoConfig.from_pretrained(name_or_path, **overrides)
+            model = AutoModelForQuestionAnswering.from_config(config, dtype=torch.float32)
         else:
             model = AutoModelForQuestionAnswering.from_pretrained(
-                name_or_path, **(config_overrides or {})
-            ).float()
+                name_or_path, dtype=torch.float32, **overrides
+            )
+        model.float()
+        model.config.dtype = torch.float32
     except Exception as error:  # hub, file and config errors come in many types
         text = str(error).strip().splitlines()
         raise ConfigError(

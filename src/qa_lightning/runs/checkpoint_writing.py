@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from qa_lightning.core.errors import ResourceError
-from qa_lightning.core.integrity import free_space, is_disk_full, write_atomic
+from qa_lightning.core.integrity import disk_full_cause, free_space, is_disk_full, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def disk_full_error(path: Path, error: BaseException) -> ResourceError:
         else f"no earlier '{path.name}' existed, other checkpoints are untouched"
     )
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    error = disk_full_cause(error) or error  # the OSError, not torch's error raised from it
     return ResourceError(
         f"no space left on the disk of '{path.parent}' ({free_space(path.parent)}) while saving "
         f"checkpoint '{path}' ({type(error).__name__}: {error}); {kept}. Free disk space, or run "

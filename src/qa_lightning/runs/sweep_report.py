@@ -32,7 +32,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qa_lightning.core.integrity import write_atomic
+from qa_lightning.core.integrity import is_disk_full, write_atomic
 
 log = logging.getLogger(__name__)
 _ABSENT = object()  # an override that a run does not have
@@ -314,8 +314,11 @@ class SweepSummary(Callback):
                 log.error("run %s failed: %s: %s", run_dir, type(error).__name__, error)
         try:
             write_report(config.hydra.sweep.dir, self.x)
-        except Exception:  # a summary must never stop the sweep
-            log.exception("could not write the sweep summary to %s", config.hydra.sweep.dir)
+        except Exception as error:  # a summary must never stop the sweep
+            if not is_disk_full(error):
+                log.exception("could not write the sweep summary to %s", config.hydra.sweep.dir)
+            else:  # the project's message (write_atomic's) says it all
+                log.error("could not write the sweep summary: %s", error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

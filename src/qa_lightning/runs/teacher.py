@@ -254,7 +254,7 @@ def add_teacher_logits(
         )
         return datasets.Dataset.from_dict(logits, features=features)
 
-    logits = cache.cached(cache_dir, key, build)
+    logits = cache.cached(cache_dir, key, build, "the teacher logits cache entry")
     if not teacher_ran:
         log.info(
             "teacher logits of %d windows read from the cache: the teacher did not run",

@@ -24,7 +24,7 @@ import torch
 from qa_lightning.answers.settings import SETTINGS_FILE
 from qa_lightning.core.config import register_resolvers
 from qa_lightning.core.errors import ConfigError, ExportError
-from qa_lightning.core.integrity import file_manifest, staged_directory
+from qa_lightning.core.integrity import file_manifest, staged_directory, writing
 from qa_lightning.data.collate import MODEL_INPUTS
 from qa_lightning.model.logits import OUTPUT_NAMES
 from qa_lightning.runs.checkpoint_reading import (
@@ -34,6 +34,9 @@ from qa_lightning.runs.checkpoint_reading import (
 
 log = logging.getLogger(__name__)
 register_resolvers()
+
+#: What a full disk leaves of an export (see :func:`~qa_lightning.core.integrity.writing`).
+KEPT = "an export is staged beside out_dir and put in place whole, so nothing of it was left."
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -70,7 +73,7 @@ def save_hf(exported: Exported, out_dir: str | Path) -> Path:
     """Write model (safetensors), config, tokenizer and settings to ``out_dir``, whole or not at
     all (an earlier export there is replaced)."""
     out_dir = check_out_dir(out_dir)
-    with staged_directory(out_dir) as staging:
+    with writing(out_dir, "the export", KEPT), staged_directory(out_dir) as staging:
         _save_support_files(exported, staging)
         exported.model.save_pretrained(staging)
         if not (staging / "model.safetensors").is_file():
@@ -167,7 +170,7 @@ def export_checked_onnx(
     the settings. Returns the ONNX file, the difference (``None`` without ``atol``) and those
     entries."""
     out_dir = check_out_dir(out_dir)
-    with staged_directory(out_dir) as staging:
+    with writing(out_dir, "the export", KEPT), staged_directory(out_dir) as staging:
         _save_support_files(exported, staging)
         _write_onnx(exported, staging / "model.onnx", opset)
         diff = None if atol is None else onnx_max_abs_diff(exported, staging / "model.onnx")

@@ -12,9 +12,12 @@ recorded under ``"quantization"`` in the export's ``qa_lightning.json`` and in t
 metadata, which :class:`~qa_lightning.model.logits.OnnxLogits` reads to warn on CPUs without int8
 dot products.
 
-The export compares the int8 model's best answers and logits with fp32 PyTorch on a sample of
-validation questions (``validation_file``, by default the checkpoint's) and warns when fewer than
-``min_agreement`` of the best answers are the same.
+The export checks what ships: the fused fp32 graph against PyTorch (``atol``) before it is
+quantised, then the int8 file's answers against fp32 PyTorch's on a sample of validation
+questions (``validation_file``, by default the checkpoint's), in unpadded and padded batches. It
+warns only on a real loss: F1 against the gold answers more than ``max_f1_drop`` points below
+fp32's, or without gold answers a mean overlap F1 with fp32's answers below ``min_agreement``
+(:func:`agreement_problem`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
@@ -66,7 +69,9 @@ class QuantizationRecipe:
     ``per_channel``: one int8 scale per output channel of each weight, else one per tensor;
     ``reduce_range``: 7-bit weights (avoids saturation on CPUs without VNNI, costs accuracy);
     ``op_types``: the operator types quantised; ``exclude``: regular expressions of node names
-    kept fp32 (e.g. ``qa_outputs`` for the QA head, ``layer\\.5\\.`` for the last layer).
+    kept fp32 (e.g. ``qa_outputs`` for the QA head, ``layer\\.5/`` for the last layer of a
+    6-layer model: its MatMuls, and with ``fuse`` its fused attention, see
+    :func:`name_fused_nodes`); a pattern that matches no node stops the export.
     """
 
     fuse: bool = True
@@ -118,16 +123,68 @@ class QuantizationRecipe:
 
 @dataclass(frozen=True)
 class Agreement:
-    """Best answers and logits of a candidate model against a reference on the same windows."""
+    """A candidate model's answers (and logits) against a reference model's on the same
+    questions, as ``predict`` answers them.
+
+    ``answer_f1``: the mean SQuAD F1 (token overlap, 0-100) of the candidate's best answer
+    against the reference's; ``in_reference_top3``: the share of candidate best answers among
+    the reference's 3 best; ``reference_scores``/``candidate_scores``: EM/F1 of each against the
+    gold answers (``None`` without them). These come from batches of one length (unpadded, as
+    ``predict`` on a CPU); ``padded_answer_f1`` and ``padded_candidate_scores`` from length-sorted
+    batches padded to a multiple of 8 (``padded_windows`` of them carry padding), which exercise
+    the attention mask. ``max_abs_logit_diff``: over the real tokens of both.
+    """
 
     questions: int
     windows: int
+    padded_windows: int
     same_best_answer: int
+    in_reference_top3: float
+    answer_f1: float
     max_abs_logit_diff: float
+    reference_scores: dict[str, float] | None = None
+    candidate_scores: dict[str, float] | None = None
+    padded_answer_f1: float | None = None
+    padded_candidate_scores: dict[str, float] | None = None
 
     @property
     def share(self) -> float:
+        """The share of best answers that are the same span."""
         return self.same_best_answer / self.questions if self.questions else 1.0
+
+    @property
+    def f1_drop(self) -> float | None:
+        """How many F1 points (against the gold answers) the candidate loses; the larger of its
+        unpadded and padded answers. ``None`` without gold answers."""
+        if self.reference_scores is None or self.candidate_scores is None:
+            return None
+        scores = [self.candidate_scores, self.padded_candidate_scores]
+        worst = min(s["f1"] for s in scores if s is not None)
+        return round(self.reference_scores["f1"] - worst, 4)
+
+
+def agreement_problem(agreement: Agreement, min_agreement: float, max_f1_drop: float) -> str | None:
+    """Why the candidate's answers are worse than the reference's, or ``None``.
+
+    With gold answers: an F1 more than ``max_f1_drop`` points lower (a changed answer that is as
+    right is no loss). Without: a mean answer overlap F1 (unpadded or padded) below
+    ``min_agreement``. Another best span of the same answer, or a near one, is not an alarm.
+    """
+    drop = agreement.f1_drop
+    if drop is not None:
+        if drop > max_f1_drop:
+            return (
+                f"F1 {drop:.2f} points below fp32's on {agreement.questions} labelled questions "
+                f"(max_f1_drop={max_f1_drop})"
+            )
+        return None
+    overlap = min(f for f in (agreement.answer_f1, agreement.padded_answer_f1) if f is not None)
+    if overlap < 100 * min_agreement:
+        return (
+            f"answers with an overlap F1 of {overlap:.1f}% with fp32's on {agreement.questions} "
+            f"questions without gold answers (min_agreement={min_agreement})"
+        )
+    return None
 
 
 def quantization_tools() -> ModuleType:
@@ -144,22 +201,36 @@ def quantization_tools() -> ModuleType:
 
 
 def excluded_nodes(onnx_path: str | Path, patterns: Sequence[str]) -> list[str]:
-    """Names of the graph's nodes that match one of the regular expressions ``patterns``."""
+    """Names of the graph's nodes that match one of the regular expressions ``patterns``; a
+    pattern that matches none is an :class:`ExportError` (the recorded recipe would claim what
+    was not done)."""
     if not patterns:
         return []
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    compiled = [re.compile(p) for p in patterns]
-    return [node.name for node in graph.node if any(p.search(node.name) for p in compiled)]
+    names = [node.name for node in graph.node]
+    unmatched = [p for p in patterns if not any(re.search(p, name) for name in names)]
+    if unmatched:
+        weighted = [node.name for node in graph.node if node.op_type in DYNAMIC_OP_TYPES]
+        raise ExportError(
+            f"quantization.exclude entries {unmatched} match no node of the graph, so nothing "
+            f"would be kept fp32 for them; node names look like {weighted[:3]} (a layer: "
+            "'layer\\.5/', the QA head: 'qa_outputs')."
+        )
+    return [name for name in names if any(re.search(p, name) for p in patterns)]
 
 
 def quantize_onnx(
-    fp32_path: str | Path, int8_path: str | Path, recipe: QuantizationRecipe
+    fp32_path: str | Path,
+    int8_path: str | Path,
+    recipe: QuantizationRecipe,
+    check_fused: Callable[[Path], Any] | None = None,
 ) -> dict[str, Any]:
     """Quantise ``fp32_path`` dynamically into ``int8_path`` (int8 weights, uint8 activations
     quantised at run time), after :func:`fuse_transformer_graph` with ``recipe.fuse``; the
-    recipe, as recorded in the model's metadata, is returned."""
+    recipe, as recorded in the model's metadata, is returned. ``check_fused`` is called with the
+    fused fp32 graph, the one quantised, before it is (it raises to stop)."""
     tools = quantization_tools()
     import onnx
     import onnxruntime
@@ -183,6 +254,8 @@ def quantize_onnx(
         if recipe.fuse:
             record["fused_operators"] = fuse_transformer_graph(fp32_path, fused)
             source = fused
+            if check_fused is not None:
+                check_fused(fused)
         record["excluded_nodes"] = exclude = excluded_nodes(source, recipe.exclude)
         tools.quantize_dynamic(
             str(source),
@@ -233,6 +306,7 @@ def fuse_transformer_graph(onnx_path: str | Path, fused_path: str | Path) -> dic
         model = optimize_model(
             str(onnx_path), "bert", num_heads, hidden_size, opt_level=0, only_onnxruntime=False
         )
+        name_fused_nodes(model.model.graph)
         model.save_model_to_file(str(fused_path))
     except OSError:
         raise
@@ -246,6 +320,23 @@ def fuse_transformer_graph(onnx_path: str | Path, fused_path: str | Path) -> dic
     return counts
 
 
+def name_fused_nodes(graph: Any) -> None:
+    """Give the fused operators (named ``Attention_1``, ``SkipLayerNorm_AddBias_3`` ...) the scope
+    of the layer they replace, taken from their output tensor's name, e.g.
+    ``/model/bert/encoder/layer.1/attention/self/Attention``: a ``quantization.exclude`` pattern
+    of a layer (``layer\\.1/``) then also keeps its fused attention fp32."""
+    names = {node.name for node in graph.node}
+    for node in graph.node:
+        output = node.output[0] if node.output else ""
+        if node.name.startswith("/") or not output.startswith("/") or "/" not in output[1:]:
+            continue
+        name = f"{output.rsplit('/', 1)[0]}/{node.op_type}"
+        while name in names:
+            name += "_"
+        names.add(name)
+        node.name = name
+
+
 def _quantizer_warnings(record: logging.LogRecord) -> bool:
     """Keep the quantiser's warnings (it logs a line per tensor at INFO) but its hint to
     pre-process the model (shape inference, which matters for static quantisation of CNNs)."""
@@ -256,16 +347,70 @@ def _quantizer_warnings(record: logging.LogRecord) -> bool:
 
 
 class RecordedLogits:
-    """A model's logits, kept batch by batch in the order they were asked for."""
+    """A model's logits, kept batch by batch in the order they were asked for, with the batch's
+    attention mask (which tokens are real)."""
 
     def __init__(self, logits_fn: LogitsFn) -> None:
         self.logits_fn = logits_fn
-        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.logits_fn(batch)
-        self.batches.append(logits)
-        return logits
+        start, end = self.logits_fn(batch)
+        self.batches.append((batch["attention_mask"].bool(), start, end))
+        return start, end
+
+
+def _answer_both(
+    tokenizer: Any,
+    settings: Any,
+    models: tuple[LogitsFn, LogitsFn],
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    batch_size: int,
+    equal_length: bool,
+) -> tuple[list[list[Any]], list[list[Any]], float, int, int]:
+    """Both models' top 3 answers, the largest logit difference on real tokens, the number of
+    windows and of windows in batches with padding."""
+    recorded, answers = [], []
+    for logits_fn in models:
+        recording = RecordedLogits(logits_fn)
+        answerer = QuestionAnswerer(tokenizer, recording, settings, batch_size, equal_length)
+        answers.append(answerer.answer(list(questions), list(contexts), top_k=3))
+        recorded.append(recording.batches)
+    diff, windows, padded = 0.0, 0, 0
+    for ours, theirs in zip(*recorded, strict=True):  # the same batches in the same order
+        mask = ours[0]
+        windows += len(mask)
+        padded += len(mask) if not bool(mask.all()) else 0
+        for a, b in zip(ours[1:], theirs[1:], strict=True):
+            if bool(mask.any()):
+                diff = max(diff, float((a - b).abs()[mask].max()))
+    return answers[0], answers[1], diff, windows, padded
+
+
+def _span(found: list[Any]) -> set[tuple[int, int]]:
+    """The (start, end) of the answers ``found``."""
+    return {(a.start, a.end) for a in found}
+
+
+def _best_text(found: list[Any]) -> str:
+    return found[0].text if found else ""
+
+
+def _overlap_f1(reference: list[list[Any]], candidate: list[list[Any]]) -> float:
+    from qa_lightning.answers.metrics import f1_score
+
+    pairs = list(zip(reference, candidate, strict=True))
+    total = sum(f1_score(_best_text(c), _best_text(r)) for r, c in pairs)
+    return round(100.0 * total / len(pairs), 4) if pairs else 100.0
+
+
+def _gold_scores(found: list[list[Any]], gold: Sequence[Sequence[str]]) -> dict[str, float]:
+    from qa_lightning.answers.metrics import squad_v1_scores
+
+    predictions = {str(i): _best_text(f) for i, f in enumerate(found)}
+    references = {str(i): list(texts) or [""] for i, texts in enumerate(gold)}
+    return {k: round(v, 4) for k, v in squad_v1_scores(predictions, references).items()}
 
 
 def compare_answers(
@@ -275,35 +420,50 @@ def compare_answers(
     candidate: LogitsFn,
     questions: Sequence[str],
     contexts: Sequence[str],
+    gold: Sequence[Sequence[str]] | None = None,
     batch_size: int = 32,
 ) -> Agreement:
-    """Answer the questions with both models (``predict``'s windowing, batching and decoding):
-    how many best answers are the same, and the largest start/end logit difference."""
-    recorded, answers = [], []
-    for logits_fn in (reference, candidate):
-        recording = RecordedLogits(logits_fn)
-        answerer = QuestionAnswerer(tokenizer, recording, settings, batch_size)
-        found = answerer.answer(list(questions), list(contexts))
-        answers.append([(a[0].start, a[0].end) if a else None for a in found])
-        recorded.append(recording.batches)
-    diff, windows = 0.0, 0
-    for ours, theirs in zip(*recorded, strict=True):  # the same batches in the same order
-        windows += len(ours[0])
-        for a, b in zip(ours, theirs, strict=True):
-            diff = max(diff, float((a - b).abs().max()))
-    same = sum(a == b for a, b in zip(*answers, strict=True))
-    return Agreement(len(questions), windows, same, diff)
+    """Answer the questions with both models (``predict``'s windowing, batching and decoding),
+    twice: in unpadded batches of one length (as on a CPU) and in padded length-sorted batches
+    (as on a GPU or a batching server); see :class:`Agreement`. ``gold``: each question's gold
+    answer texts, to score both models (``[]``: unanswerable)."""
+    models = (reference, candidate)
+    ours, theirs, diff, windows, _ = _answer_both(
+        tokenizer, settings, models, questions, contexts, batch_size, equal_length=True
+    )
+    padded_ours, padded_theirs, padded_diff, _, padded = _answer_both(
+        tokenizer, settings, models, questions, contexts, batch_size, equal_length=False
+    )
+    pairs = list(zip(ours, theirs, strict=True))
+    same = sum(_span(r[:1]) == _span(c[:1]) for r, c in pairs)
+    top3 = sum(_span(c[:1]) <= {(a.start, a.end) for a in r} if c else not r for r, c in pairs)
+    return Agreement(
+        questions=len(questions),
+        windows=windows,
+        padded_windows=padded,
+        same_best_answer=same,
+        in_reference_top3=round(top3 / len(questions), 4) if questions else 1.0,
+        answer_f1=_overlap_f1(ours, theirs),
+        max_abs_logit_diff=max(diff, padded_diff),
+        reference_scores=_gold_scores(ours, gold) if gold is not None else None,
+        candidate_scores=_gold_scores(theirs, gold) if gold is not None else None,
+        padded_answer_f1=_overlap_f1(padded_ours, padded_theirs),
+        padded_candidate_scores=_gold_scores(padded_theirs, gold) if gold is not None else None,
+    )
 
 
-def sample_questions(path: str | Path, size: int, seed: int = 42) -> tuple[list[str], list[str]]:
-    """Questions and contexts of ``size`` examples of a local SQuAD-format file, sampled as
-    ``data.validation_samples`` samples (``shuffle(seed).select(range(size))``)."""
+def sample_questions(
+    path: str | Path, size: int, seed: int = 42
+) -> tuple[list[str], list[str], list[list[str]]]:
+    """Questions, contexts and gold answer texts of ``size`` examples of a local SQuAD-format
+    file, sampled as ``data.validation_samples`` samples (``shuffle(seed).select(range(size))``)."""
     from qa_lightning.data.loading import load_local_file
 
     examples = load_local_file(path)
     if size < len(examples):
         examples = examples.shuffle(seed=seed).select(range(size))
-    return examples["question"][:], examples["context"][:]
+    gold = [list(answers["text"]) for answers in examples["answers"][:]]
+    return examples["question"][:], examples["context"][:], gold
 
 
 def checkpoint_validation_file(ckpt_path: str | Path | None) -> str | None:
@@ -343,7 +503,12 @@ def check_quantize_config(cfg: DictConfig) -> QuantizationRecipe | None:
     share = cfg.get("min_agreement")
     if not isinstance(share, int | float) or isinstance(share, bool) or not 0 <= share <= 1:
         raise ConfigError(
-            f"invalid config: min_agreement={share!r}; give a share in [0, 1], e.g. 0.95."
+            f"invalid config: min_agreement={share!r}; give a share in [0, 1], e.g. 0.9."
+        )
+    drop = cfg.get("max_f1_drop", 1.0)
+    if not isinstance(drop, int | float) or isinstance(drop, bool) or not 0 <= drop <= 100:
+        raise ConfigError(
+            f"invalid config: max_f1_drop={drop!r}; give F1 points in [0, 100], e.g. 1.0."
         )
     path = cfg.get("validation_file")
     if path and not Path(path).is_file():
@@ -355,18 +520,48 @@ def check_quantize_config(cfg: DictConfig) -> QuantizationRecipe | None:
     return recipe
 
 
+#: The names of the checks recorded under ``quantization.checks``: what was measured on which
+#: file, against what.
+FUSED_CHECK = "fused fp32 graph vs fp32 PyTorch"
+INT8_CHECK = "int8 model.onnx vs fp32 PyTorch"
+
+
+def check_fused_graph(exported: Any, fused_path: Path, atol: float) -> dict[str, Any]:
+    """The fused fp32 graph (the one quantised) against PyTorch on the export's padded and
+    unpadded check batches: an :class:`ExportError` when its logits differ by more than
+    ``atol`` (a fusion that broke the model)."""
+    from qa_lightning.serving.exports import onnx_max_abs_diff
+
+    diff = onnx_max_abs_diff(exported, fused_path)
+    if diff > atol:
+        raise ExportError(
+            f"the fused graph's logits differ from PyTorch's by up to {diff:.2e}, more than "
+            f"atol={atol}: onnxruntime's transformer fusion does not reproduce this model, and "
+            "its int8 quantisation would not either; nothing was written. Export without the "
+            "fusion (quantization.fuse=false)."
+        )
+    return {"max_abs_logit_diff": diff, "atol": atol}
+
+
 def quantize_export(
     exported: Any, onnx_path: str | Path, recipe: QuantizationRecipe, cfg: DictConfig
 ) -> dict[str, Any]:
-    """Replace the checked fp32 ``onnx_path`` of an export by its int8 quantisation and compare
-    it with fp32 PyTorch (``exported.model``); returns the record for the export's settings."""
+    """Replace the checked fp32 ``onnx_path`` of an export by its int8 quantisation; check the
+    fused graph (with ``recipe.fuse``, see :func:`check_fused_graph`) and the int8 file itself
+    against fp32 PyTorch (``exported.model``), in unpadded and padded batches; returns the record
+    for the export's settings (``checks``: what was measured on which file)."""
     onnx_path = Path(onnx_path)
-    record = quantize_onnx(onnx_path, onnx_path, recipe)
+    checks: dict[str, Any] = {}
+
+    def check_fused(fused: Path) -> None:
+        checks[FUSED_CHECK] = check_fused_graph(exported, fused, cfg.atol)
+
+    record = quantize_onnx(onnx_path, onnx_path, recipe, check_fused)
     int8 = OnnxLogits(onnx_path)  # warns on CPUs without int8 dot products
     reference = TorchLogits(exported.model, "cpu", "32-true")
     validation_file = cfg.get("validation_file") or checkpoint_validation_file(cfg.get("ckpt_path"))
     if validation_file:
-        questions, contexts = sample_questions(validation_file, cfg.validation_samples)
+        questions, contexts, gold = sample_questions(validation_file, cfg.validation_samples)
     else:
         from qa_lightning.serving.exports import CHECK_PAIRS
 
@@ -376,31 +571,53 @@ def quantize_export(
             len(CHECK_PAIRS),
         )
         questions, contexts = (list(x) for x in zip(*CHECK_PAIRS, strict=True))
+        gold = None
     agreement = compare_answers(
-        exported.tokenizer, exported.settings, reference, int8, questions, contexts
+        exported.tokenizer, exported.settings, reference, int8, questions, contexts, gold
     )
     record["agreement"] = {
         "reference": "fp32 PyTorch",
         "validation_file": str(validation_file) if validation_file else None,
         **asdict(agreement),
         "share": round(agreement.share, 4),
+        "f1_drop": agreement.f1_drop,
     }
-    print(
-        f"int8 quantised; against fp32 PyTorch on {agreement.questions} question(s) "
-        f"({agreement.windows} windows) of {validation_file or 'the built-in examples'}: same "
-        f"best answer for {agreement.same_best_answer}/{agreement.questions} "
-        f"({100 * agreement.share:.1f}%), max abs start/end logit difference "
-        f"{agreement.max_abs_logit_diff:.3g}"
+    checks[INT8_CHECK] = {
+        "max_abs_logit_diff": agreement.max_abs_logit_diff,
+        "answer_f1": agreement.answer_f1,
+        "padded_answer_f1": agreement.padded_answer_f1,
+        "f1_drop": agreement.f1_drop,
+    }
+    record["checks"] = checks
+    where = validation_file or "the built-in examples"
+    if FUSED_CHECK in checks:
+        print(
+            f"checked the {FUSED_CHECK}: max abs start/end logit difference "
+            f"{checks[FUSED_CHECK]['max_abs_logit_diff']:.2e} (atol={cfg.atol})"
+        )
+    scores = (
+        f"; F1 against the gold answers {agreement.candidate_scores['f1']:.2f} (padded batches "
+        f"{agreement.padded_candidate_scores['f1']:.2f}) against fp32's "
+        f"{agreement.reference_scores['f1']:.2f}"
+        if agreement.reference_scores
+        else ""
     )
-    if validation_file and agreement.share < cfg.min_agreement:
+    print(
+        f"checked the {INT8_CHECK} on {agreement.questions} question(s) of {where} "
+        f"({agreement.windows} windows unpadded, {agreement.padded_windows} in padded batches): "
+        f"answer overlap F1 {agreement.answer_f1:.1f}% (padded batches "
+        f"{agreement.padded_answer_f1:.1f}%), same best answer for "
+        f"{agreement.same_best_answer}/{agreement.questions}, int8 best answer in fp32's top 3 "
+        f"for {100 * agreement.in_reference_top3:.1f}%{scores}; max abs start/end logit "
+        f"difference {agreement.max_abs_logit_diff:.3g}"
+    )
+    problem = agreement_problem(agreement, cfg.min_agreement, cfg.get("max_f1_drop", 1.0))
+    if problem:
         log.warning(
-            "the int8 model gives the fp32 model's best answer for only %.1f%% of %d questions "
-            "(min_agreement=%s): score both with python -m qa_lightning.evaluate onnx_path=... "
-            "and, if F1 drops, try another recipe (quantization.per_channel=true, "
-            "quantization.exclude=[qa_outputs], fewer quantization.op_types) or serve the fp32 "
-            "export.",
-            100 * agreement.share,
-            agreement.questions,
-            cfg.min_agreement,
+            "the int8 model gives %s: check it with python -m qa_lightning.evaluate "
+            "onnx_path=... and try another recipe (quantization.exclude=[qa_outputs], "
+            "quantization.exclude=['layer\\.\\d+/output/dense/'], fewer quantization.op_types) "
+            "or serve the fp32 export.",
+            problem,
         )
     return {"quantization": record}

@@ -1,0 +1,121 @@
+"""``debug=`` configs composed with an experiment, and ``tune=lr_find``, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qa_lightning.core.errors import TrainingError
+from qa_lightning.runs.monitoring import OverfitCheck
+from qa_lightning.train import train
+from tests.conftest import TINY_OVERRIDES
+
+#: The tiny model's overrides, with the experiment and the debug config choosing the epochs.
+TINY = [o for o in TINY_OVERRIDES if not o.startswith("trainer.max_epochs")]
+
+
+def debug_run(compose_train, debug: str, *overrides: str):
+    """``experiment=demo debug=<debug>`` with the tiny model; the composed config."""
+    cfg = compose_train(["experiment=demo", f"debug={debug}", *TINY, *overrides])
+    assert cfg.model.from_scratch and cfg.task_name == "debug"
+    return cfg
+
+
+def test_fdr_runs_one_batch_of_each_and_writes_metrics(compose_train) -> None:
+    cfg = debug_run(compose_train, "fdr")
+    assert cfg.trainer.fast_dev_run is True
+    metrics = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    assert metrics["global_step"] == 1
+    assert metrics["best_checkpoint"] in (None, "")  # fast_dev_run saves no checkpoint
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1
+    assert not (run_dir / "tensorboard").exists()  # nor logs
+
+
+def test_limits_train_a_few_batches_and_export(compose_train) -> None:
+    cfg = debug_run(compose_train, "limits")
+    metrics = train(cfg)
+    assert metrics["epochs"] == 2
+    assert metrics["global_step"] == 2 * cfg.trainer.limit_train_batches == 8
+    assert (Path(cfg.paths.output_dir) / "hf_model" / "config.json").is_file()
+
+
+def test_profiler_writes_its_report_to_the_run_dir(compose_train) -> None:
+    cfg = debug_run(compose_train, "profiler")
+    train(cfg)
+    reports = list((Path(cfg.paths.output_dir) / "profiler").glob("*report*.txt"))
+    assert reports, "no profiler report"
+    text = "\n".join(r.read_text() for r in reports)
+    assert "run_training_epoch" in text and "SingleDeviceStrategy.training_step" in text
+
+
+@pytest.mark.slow  # 20 steps and 10 validations
+def test_overfit_fits_the_same_batches(compose_train) -> None:
+    epochs, max_loss = 10, 2.5
+    cfg = debug_run(
+        compose_train,
+        "overfit",
+        f"trainer.max_epochs={epochs}",
+        "model.lr=1e-2",  # the random tiny model needs more than the demo's 1e-4
+        f"callbacks.overfit_check.max_loss={max_loss}",
+    )
+    assert cfg.trainer.overfit_batches == 2
+    metrics = train(cfg)  # raises TrainingError unless the loss ends below max_loss
+    assert metrics["global_step"] == epochs * 2
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss_epoch")]
+    assert losses[0] > 4 and losses[-1] < max_loss
+
+
+def test_overfit_check_fails_a_loss_above_the_bound() -> None:
+    check = OverfitCheck(max_loss=0.5)
+    trainer = SimpleNamespace(
+        callback_metrics={"train/loss_epoch": torch.tensor(0.75)},
+        overfit_batches=2,
+        current_epoch=30,
+    )
+    with pytest.raises(
+        TrainingError, match=r"did not fit 2 training batches.*0\.7500.*max_loss=0\.5"
+    ):
+        check.on_train_end(trainer, None)
+    trainer.callback_metrics["train/loss_epoch"] = torch.tensor(0.25)
+    check.on_train_end(trainer, None)  # passes
+
+
+def test_lr_find_suggests_applies_and_plots(compose_train) -> None:
+    pytest.importorskip("matplotlib")
+    cfg = compose_train([*TINY_OVERRIDES, "tune=lr_find", "tune.num_training=20"])
+    metrics = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    tuned = metrics["tune"]
+    assert cfg.tune.min_lr < tuned["lr_suggestion"] < cfg.tune.max_lr
+    assert tuned["lr"] == tuned["lr_suggestion"] != cfg.model.lr
+    assert Path(tuned["plot"]) == run_dir / "lr_find.png"
+    assert (run_dir / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    # the training ran with it: the logged learning rate and hyperparameters
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert events.Scalars("tune/lr_suggestion")[0].value == pytest.approx(tuned["lr"], rel=1e-6)
+    assert events.Scalars("train/lr/pg1")[0].value == pytest.approx(tuned["lr"], rel=1e-6)
+    logged = yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())
+    assert logged["model.lr"] == pytest.approx(tuned["lr"])
+    # the finder's steps are not the run's: a fresh start, the module's best from training only
+    assert metrics["global_step"] == 5 and metrics["best"]["epoch"] == 0
+
+
+def test_lr_find_without_apply_keeps_the_configured_lr(compose_train) -> None:
+    cfg = compose_train(
+        [*TINY_OVERRIDES, "tune=lr_find", "tune.num_training=20", "tune.apply=false"]
+    )
+    metrics = train(cfg)
+    assert metrics["tune"]["lr"] == cfg.model.lr
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
+    events.Reload()
+    assert events.Scalars("train/lr/pg1")[0].value == pytest.approx(cfg.model.lr)
