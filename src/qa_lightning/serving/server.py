@@ -376,6 +376,16 @@ class QuestionAnsweringAPI(ls.LitAPI):
 # -- the server --------------------------------------------------------------------------------
 
 
+#: ``serve.*`` settings that are integers > 0.
+POSITIVE_INTS = (
+    "max_batch_size",
+    "workers_per_device",
+    "max_context_chars",
+    "max_body_bytes",
+    "max_top_k",
+)
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """``serve.*`` of ``conf/serve.yaml``."""
@@ -417,16 +427,6 @@ class ServeSettings:
         return found
 
 
-#: ``serve.*`` settings that are integers > 0.
-POSITIVE_INTS = (
-    "max_batch_size",
-    "workers_per_device",
-    "max_context_chars",
-    "max_body_bytes",
-    "max_top_k",
-)
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -444,8 +444,10 @@ class QAServer(ls.LitServer):
     """LitServe's server, keeping its API server processes so that SIGTERM can drain them
     (see :meth:`drain`)."""
 
-    api_servers: dict[int, Any] = {}
-    sockets: list[Any] = []
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.api_servers: dict[int, Any] = {}
+        self.sockets: list[Any] = []
 
     def _start_server(self, port, num_uvicorn_servers, log_level, sockets, *args, **kwargs):
         self.sockets = list(sockets or [])
