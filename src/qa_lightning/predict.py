@@ -14,6 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from qa_lightning.answers.settings import SETTING_KEYS
 from qa_lightning.cli import CONFIG_PATH, explain_out_of_memory, report_errors
 from qa_lightning.core.config import register_resolvers
 from qa_lightning.core.errors import ConfigError
@@ -22,16 +23,6 @@ from qa_lightning.serving.jsonl import STDIO, load_question_file, write_answers
 
 log = logging.getLogger(__name__)
 register_resolvers()
-
-SETTING_KEYS = (
-    "max_length",
-    "stride",
-    "max_question_tokens",
-    "n_best",
-    "max_answer_length",
-    "version_2_with_negative",
-    "null_score_diff_threshold",
-)
 
 
 def load_answerer(cfg: DictConfig) -> QuestionAnswerer:

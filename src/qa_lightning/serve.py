@@ -10,22 +10,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from qa_lightning.answers.settings import SETTING_KEYS
 from qa_lightning.cli import CONFIG_PATH, report_errors
 from qa_lightning.core.config import register_resolvers
 from qa_lightning.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 register_resolvers()
-
-SETTING_KEYS = (
-    "max_length",
-    "stride",
-    "max_question_tokens",
-    "n_best",
-    "max_answer_length",
-    "version_2_with_negative",
-    "null_score_diff_threshold",
-)
 
 
 def model_source(cfg: DictConfig) -> Any:

@@ -92,6 +92,10 @@ class InferenceSettings:
         return write_atomic(Path(directory) / SETTINGS_FILE, json.dumps(saved, indent=2) + "\n")
 
 
+#: The settings' names: the command-line keys of ``predict`` and ``serve`` that override a model's.
+SETTING_KEYS = tuple(f.name for f in fields(InferenceSettings))
+
+
 def check_model_dir(directory: str | Path) -> None:
     """Raise a :class:`ConfigError` when a file listed in the directory's ``SETTINGS_FILE``
     manifest is missing or differs from what the export wrote (directories without a manifest,
