@@ -393,7 +393,14 @@ def test_onnx_backend_gives_the_torch_answers(model_dir: Path, tmp_path: Path, v
     torch_answers = QuestionAnswerer.from_model_dir(
         model_dir, device="cpu", precision="32-true"
     ).answer(questions, contexts, 3)
-    onnx_answers = QuestionAnswerer.from_onnx(onnx_path).answer(questions, contexts, 3)
-    for t, o in zip(torch_answers, onnx_answers, strict=True):
-        assert [(a.text, a.start, a.end) for a in t] == [(a.text, a.start, a.end) for a in o]
-        assert [a.score for a in t] == pytest.approx([a.score for a in o], abs=1e-5)
+    onnx = QuestionAnswerer.from_onnx(onnx_path)
+    # a session of the same file with one thread that does not spin (the server's shared cores)
+    one = onnx.logits_fn.with_threads(1, spin=False)
+    options = one.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for answerer in (onnx, onnx.replaced(one)):
+        onnx_answers = answerer.answer(questions, contexts, 3)
+        for t, o in zip(torch_answers, onnx_answers, strict=True):
+            assert [(a.text, a.start, a.end) for a in t] == [(a.text, a.start, a.end) for a in o]
+            assert [a.score for a in t] == pytest.approx([a.score for a in o], abs=1e-5)

@@ -9,9 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from qa_lightning import __version__
 from qa_lightning.model.logits import resolve_precision
+from qa_lightning.serving.cores import auto_workers
 from tests.serving.conftest import SETTINGS, httpx
 
 CONTEXT = (
@@ -53,6 +55,11 @@ def test_health_and_info(server, tiny_model_dir) -> None:
     assert model["settings"] == asdict(SETTINGS) and model["version"] == __version__
     assert model["serve"]["host"] == "127.0.0.1" and model["serve"]["api_key"] is False
     assert model["serve"]["max_top_k"] == 5 and info["server"]["timeout"] == 30.0
+    # workers_per_device: auto on the CPU, the cores shared among them
+    cores = torch.get_num_threads()
+    workers = auto_workers("cpu", cores)
+    assert model["workers"] == workers == len(server.inference_workers())
+    assert model["threads"] == f"shared: {cores} cores among {workers} worker(s)"
 
 
 @pytest.mark.parametrize("top_k", [1, 3])

@@ -26,6 +26,7 @@ def locked(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
         f"model_dir={tiny_model_dir}",
         "serve.timeout=2",
         "serve.max_batch_size=4",
+        "serve.workers_per_device=1",  # the one worker these tests stop
         env={"LIT_SERVER_API_KEY": KEY},
     )
     process.wait_ready()

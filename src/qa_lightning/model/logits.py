@@ -4,6 +4,7 @@ CPU, run with PyTorch (fp32 or autocast) or with onnxruntime; the device and pre
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Sequence
@@ -34,17 +35,32 @@ class LogitsFn(Protocol):
 
 class TorchLogits:
     """An ``AutoModelForQuestionAnswering`` run with PyTorch, in fp32 or under autocast
-    (``precision``: a key of :data:`AUTOCAST_DTYPES`)."""
+    (``precision``: a key of :data:`AUTOCAST_DTYPES`); ``threads``: torch's intra-op threads for
+    each call (``None``: as they are)."""
 
     def __init__(
-        self, model: torch.nn.Module, device: str = "cpu", precision: str = "32-true"
+        self,
+        model: torch.nn.Module,
+        device: str = "cpu",
+        precision: str = "32-true",
+        threads: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = AUTOCAST_DTYPES[precision]
         self.model = model.to(self.device).eval()
+        self.threads = threads
+
+    def with_threads(self, threads: int, spin: bool = True) -> TorchLogits:
+        """The same model (shared, not copied), called with ``threads`` intra-op threads
+        (``spin`` is onnxruntime's: torch's OpenMP threads spin only briefly after a call)."""
+        clone = copy.copy(self)
+        clone.threads = threads
+        return clone
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None):
             outputs = self.model(**inputs)
@@ -52,9 +68,17 @@ class TorchLogits:
 
 
 class OnnxLogits:
-    """An ONNX export (see :mod:`qa_lightning.export`) run with onnxruntime."""
+    """An ONNX export (see :mod:`qa_lightning.export`) run with onnxruntime: ``threads`` intra-op
+    threads (``None``: onnxruntime's default, one per physical core), which keep spinning after a
+    run unless ``spin`` is false (right when other processes want the cores)."""
 
-    def __init__(self, onnx_path: str | Path, providers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        spin: bool = True,
+    ) -> None:
         try:
             import onnxruntime
         except ImportError as error:
@@ -63,8 +87,13 @@ class OnnxLogits:
                 "(or use backend=torch with model_dir=PATH)."
             ) from error
         try:
+            options = onnxruntime.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            if not spin:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = onnxruntime.InferenceSession(
-                str(onnx_path), providers=list(providers or ["CPUExecutionProvider"])
+                str(onnx_path), options, providers=list(providers or ["CPUExecutionProvider"])
             )
         except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise ConfigError(
@@ -72,6 +101,12 @@ class OnnxLogits:
                 f"({type(error).__name__}: {str(error).strip()[:200]}); export it again with "
                 "python -m qa_lightning.export ckpt_path=... format=onnx."
             ) from error
+        self.onnx_path, self.providers, self.threads, self.spin = (
+            onnx_path,
+            providers,
+            threads,
+            spin,
+        )
         self.input_names = [i.name for i in self.session.get_inputs()]
         metadata = self.session.get_modelmeta().custom_metadata_map
         quantization = metadata.get(QUANTIZATION_METADATA_KEY)
@@ -79,6 +114,11 @@ class OnnxLogits:
         self.quantization = json.loads(quantization) if quantization else None
         if self.quantization and (warning := cpu_int8_warning(f"onnx_path='{onnx_path}' (int8)")):
             log.warning(warning)
+
+    def with_threads(self, threads: int, spin: bool = True) -> OnnxLogits:
+        """A session of the same model with ``threads`` intra-op threads (onnxruntime fixes
+        them per session)."""
+        return OnnxLogits(self.onnx_path, self.providers, threads, spin)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [name for name in self.input_names if name not in batch]

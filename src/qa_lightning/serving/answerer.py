@@ -93,6 +93,18 @@ class QuestionAnswerer:
         self.equal_length = equal_length
         self.collator = WindowCollator(tokenizer.pad_token_id, None if equal_length else 8)
 
+    def replaced(
+        self, logits_fn: LogitsFn | None = None, equal_length: bool | None = None
+    ) -> QuestionAnswerer:
+        """This answerer with another model function or batching (the rest shared)."""
+        return QuestionAnswerer(
+            self.tokenizer,
+            logits_fn or self.logits_fn,
+            self.settings,
+            self.batch_size,
+            self.equal_length if equal_length is None else equal_length,
+        )
+
     @classmethod
     def from_model_dir(
         cls,

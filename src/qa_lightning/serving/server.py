@@ -43,6 +43,7 @@ from qa_lightning.answers.ranking import Answer
 from qa_lightning.core.errors import ConfigError
 from qa_lightning.model.logits import TorchLogits, resolve_device, resolve_precision
 from qa_lightning.serving.answerer import QuestionAnswerer
+from qa_lightning.serving.cores import CoreShare, auto_workers
 
 log = logging.getLogger(__name__)
 
@@ -182,18 +183,21 @@ class ModelSource:
     precision: str = "auto"
     trust_checkpoint: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
-    #: torch's intra-op threads (``None``: torch's default, one per core)
+    #: intra-op threads of each forward pass (``None``: the server shares the cores among its
+    #: workers, see :mod:`qa_lightning.serving.cores`)
     threads: int | None = None
     #: batch only windows of one length, unpadded (``None``: as ``predict``, on CPUs); ``False``
     #: pads windows of several lengths into one batch: fewer, larger forward passes
     equal_length: bool | None = None
 
     def load(self, device: str = "cpu") -> QuestionAnswerer:
-        """The answerer, on ``device`` (the PyTorch backends)."""
+        """The answerer, on ``device`` (the PyTorch backends), with ``threads`` if given."""
+        answerer = self._load(device)
         if self.threads:
-            import torch
+            answerer = answerer.replaced(answerer.logits_fn.with_threads(self.threads))
+        return answerer
 
-            torch.set_num_threads(self.threads)
+    def _load(self, device: str) -> QuestionAnswerer:
         if self.backend == "onnx":
             return self._batching(
                 QuestionAnswerer.from_onnx(
@@ -225,13 +229,7 @@ class ModelSource:
     def _batching(self, answerer: QuestionAnswerer) -> QuestionAnswerer:
         if self.equal_length is None or self.equal_length == answerer.equal_length:
             return answerer
-        return QuestionAnswerer(
-            answerer.tokenizer,
-            answerer.logits_fn,
-            answerer.settings,
-            answerer.batch_size,
-            equal_length=self.equal_length,
-        )
+        return answerer.replaced(equal_length=self.equal_length)
 
 
 def describe(answerer: QuestionAnswerer, source: ModelSource) -> dict[str, Any]:
@@ -264,10 +262,27 @@ class GreedyBatchingLoop(BatchedLoop):
 
     #: how long the worker blocks on an empty queue before it looks again (for the shutdown)
     idle_wait = 1.0
+    #: LitServe's index of this worker; with a :class:`CoreShare`, worker ``k`` takes a first
+    #: request only while ``k`` others answer (:meth:`CoreShare.wait_turn`)
+    worker_id = 0
+    #: how long such a worker sleeps when its turn found the queue empty
+    helper_poll = 0.002
+
+    def __call__(self, lit_api: ls.LitAPI, device: str, worker_id: int, *args, **kwargs) -> None:
+        self.worker_id = worker_id
+        super().__call__(lit_api, device, worker_id, *args, **kwargs)
 
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any):
         timed_out, payloads = [], []
         deadline = None
+        cores = getattr(lit_api, "cores", None)
+        helper = cores is not None and self.worker_id > 0
+        if helper:
+            # its turn, or idle_wait passed (LitServe's stop sentinels are one per worker): take
+            # what is queued without waiting in the queue, where an idle server's next request
+            # would find it instead of worker 0
+            cores.wait_turn(self.worker_id, self.idle_wait)
+            deadline = time.monotonic()
         while len(payloads) < lit_api.max_batch_size:
             try:
                 if deadline is None:
@@ -290,12 +305,15 @@ class GreedyBatchingLoop(BatchedLoop):
                 payloads.append((queue_id, uid, body))
             if deadline is None:
                 deadline = time.monotonic() + lit_api.batch_timeout
+        if helper and not payloads and not timed_out:
+            time.sleep(self.helper_poll)
         return payloads, timed_out
 
 
 class QuestionAnsweringAPI(ls.LitAPI):
     """The LitServe API: a request is ``(question, context, top_k, id)``; a batch of them is
-    answered by one :meth:`QuestionAnswerer.answer` call (their windows batched together)."""
+    answered by one :meth:`QuestionAnswerer.answer` call (their windows batched together), with
+    the threads ``cores`` gives it (``None``: the source's ``threads``, or the runtime's)."""
 
     def __init__(
         self,
@@ -303,6 +321,7 @@ class QuestionAnsweringAPI(ls.LitAPI):
         max_batch_size: int = 16,
         batch_timeout: float = 0.0,
         api_key: str | None = None,
+        cores: CoreShare | None = None,
     ) -> None:
         super().__init__(
             max_batch_size=max_batch_size,
@@ -312,9 +331,20 @@ class QuestionAnsweringAPI(ls.LitAPI):
         )
         self.source = source
         self.api_key = api_key or None
+        self.cores = cores
+        #: the answerer for each thread count ``cores`` may give a batch (the model shared)
+        self.by_threads: dict[int, QuestionAnswerer] = {}
 
     def setup(self, device: str) -> None:
         self.answerer = self.source.load(device)
+        if self.cores is not None:
+            logits_fn = self.answerer.logits_fn
+            # pools that spin after a pass would take the cores from the other workers
+            spin = self.cores.workers == 1
+            self.by_threads = {
+                threads: self.answerer.replaced(logits_fn.with_threads(threads, spin))
+                for threads in self.cores.thread_counts()
+            }
         log.info("answering on %s: %s", device, describe(self.answerer, self.source))
 
     def authorize(self, request: Request) -> None:
@@ -339,13 +369,21 @@ class QuestionAnsweringAPI(ls.LitAPI):
     def predict(self, requests: list[tuple[str, str, int, Any]]) -> list[Any]:
         """The answers of each request (or the exception that answering it alone raised: one
         request the model cannot answer does not fail the others of its batch)."""
+        if self.cores is None:
+            return self._predict(self.answerer, requests)
+        with self.cores.claim() as threads:
+            return self._predict(self.by_threads[threads], requests)
+
+    def _predict(
+        self, answerer: QuestionAnswerer, requests: list[tuple[str, str, int, Any]]
+    ) -> list[Any]:
         questions, contexts, top_ks, ids = (list(column) for column in zip(*requests, strict=True))
         try:
-            found = self.answerer.answer(questions, contexts, max(top_ks))
+            found = answerer.answer(questions, contexts, max(top_ks))
         except Exception:
             log.exception("answering a batch of %d failed; answering one by one", len(questions))
             found = [
-                self._answer_alone(q, c, k)
+                self._answer_alone(answerer, q, c, k)
                 for q, c, k in zip(questions, contexts, top_ks, strict=True)
             ]
         return [
@@ -353,9 +391,12 @@ class QuestionAnsweringAPI(ls.LitAPI):
             for qid, answers, k in zip(ids, found, top_ks, strict=True)
         ]
 
-    def _answer_alone(self, question: str, context: str, top_k: int) -> list[Answer] | Exception:
+    @staticmethod
+    def _answer_alone(
+        answerer: QuestionAnswerer, question: str, context: str, top_k: int
+    ) -> list[Answer] | Exception:
         try:
-            return self.answerer.answer([question], [context], top_k)[0]
+            return answerer.answer([question], [context], top_k)[0]
         except Exception as error:
             log.exception("answering one request failed")
             return error
@@ -379,7 +420,6 @@ class QuestionAnsweringAPI(ls.LitAPI):
 #: ``serve.*`` settings that are integers > 0.
 POSITIVE_INTS = (
     "max_batch_size",
-    "workers_per_device",
     "max_context_chars",
     "max_body_bytes",
     "max_top_k",
@@ -394,7 +434,7 @@ class ServeSettings:
     port: int = 8000
     max_batch_size: int = 16
     batch_timeout: float = 0.0
-    workers_per_device: int = 1
+    workers_per_device: int | str = "auto"
     timeout: float = 30.0
     max_context_chars: int = 100_000
     max_body_bytes: int = 1_000_000
@@ -416,6 +456,9 @@ class ServeSettings:
             for key in POSITIVE_INTS
             if not (_is_int(getattr(self, key)) and getattr(self, key) > 0)
         ]
+        workers = self.workers_per_device
+        if workers != "auto" and not (_is_int(workers) and workers > 0):
+            found.append(("workers_per_device", "auto or an integer > 0"))
         if self.host not in HOSTS:
             found.append(("host", f"one of {', '.join(HOSTS)} (127.0.0.1: this machine only)"))
         if not (_is_int(self.port) and 1024 <= self.port <= 65535):
@@ -478,17 +521,33 @@ class QAServer(ls.LitServer):
 
 def build_server(source: ModelSource, serve: ServeSettings, model_info: dict[str, Any]) -> QAServer:
     """The LitServe server: the API, its limits, error bodies, ``/info`` and the page."""
+    import torch
+
     AnswerRequest.max_context_chars = serve.max_context_chars
     AnswerRequest.max_top_k = serve.max_top_k
-    api = QuestionAnsweringAPI(source, serve.max_batch_size, serve.batch_timeout, serve.api_key)
+    accelerator = _accelerator(source)
+    cores = torch.get_num_threads()  # torch's default: the cores (or OMP_NUM_THREADS)
+    workers = serve.workers_per_device
+    if workers == "auto":
+        workers = auto_workers(accelerator, cores)
+    shared = None if source.threads else CoreShare(cores, workers)
+    api = QuestionAnsweringAPI(
+        source, serve.max_batch_size, serve.batch_timeout, serve.api_key, shared
+    )
+    threads = source.threads or f"shared: {cores} cores among {workers} worker(s)"
     server = QAServer(
         api,
-        accelerator=_accelerator(source),
+        accelerator=accelerator,
         devices=1,
-        workers_per_device=serve.workers_per_device,
+        workers_per_device=workers,
         timeout=serve.timeout,
         max_payload_size=serve.max_body_bytes,
-        model_metadata={**model_info, "serve": _public(serve)},
+        model_metadata={
+            **model_info,
+            "workers": workers,
+            "threads": threads,
+            "serve": _public(serve),
+        },
     )
     app = server.app
     app.add_exception_handler(RequestValidationError, validation_error)

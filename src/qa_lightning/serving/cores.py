@@ -1,0 +1,72 @@
+"""The CPU cores of a server, shared among its inference workers.
+
+On a CPU a forward pass of a small encoder does not get much faster in larger batches, but two
+workers overlap: one runs its forward pass while the other tokenises, decodes and hands answers
+back. Each worker's pass uses as many threads as there are cores *for it*: a worker answering
+alone uses every core (an idle server answers a lone request as fast as one process would), and
+``k`` workers answering at once use ``cores // k`` each, so that the cores are never
+oversubscribed for longer than one pass (oversubscribed OpenMP and onnxruntime thread pools spin
+against each other). A counter in shared memory, created before the workers are spawned, says
+how many answer at the moment, and also which worker takes the next request (see
+:meth:`CoreShare.wait_turn`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+from collections.abc import Iterator
+
+#: ``serve.workers_per_device: auto`` on a CPU (at most; one per core below that). Measured on a
+#: 2-core CPU (docs/serving.md); more cores give each worker more threads, not more workers.
+CPU_WORKERS = 2
+
+
+def threads_for(cores: int, busy: int) -> int:
+    """Intra-op threads of a worker while ``busy`` workers (itself included) answer."""
+    return max(1, cores // max(1, busy))
+
+
+def auto_workers(accelerator: str, cores: int) -> int:
+    """Workers per device for ``serve.workers_per_device: auto``: one on a GPU (its batches are
+    where the speed is), :data:`CPU_WORKERS` on a CPU with that many cores."""
+    return 1 if accelerator != "cpu" else max(1, min(CPU_WORKERS, cores))
+
+
+class CoreShare:
+    """``cores`` shared among ``workers`` processes; :meth:`claim` around each batch yields the
+    threads the batch may use."""
+
+    def __init__(self, cores: int, workers: int) -> None:
+        self.cores = cores
+        self.workers = workers
+        # spawn-context objects: LitServe spawns its workers and pickles this with the API
+        context = multiprocessing.get_context("spawn")
+        self.busy = context.Value("i", 0)
+        self.changed = context.Condition(self.busy.get_lock())
+
+    def thread_counts(self) -> list[int]:
+        """Every thread count a batch may be given, most first."""
+        counts = {threads_for(self.cores, busy) for busy in range(1, self.workers + 1)}
+        return sorted(counts, reverse=True)
+
+    def wait_turn(self, worker: int, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s, without polling) until at least ``worker`` others answer:
+        worker 0 takes every request that finds the server idle, worker 1 only those that
+        arrive while worker 0 is busy, and so on. An idle server so answers from one worker,
+        whose model is warm in the CPU's caches. ``True`` when it is ``worker``'s turn."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.busy.value >= worker, timeout)
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[int]:
+        """Count this worker as answering while the block runs; yields its threads."""
+        with self.changed:
+            self.busy.value += 1
+            busy = self.busy.value
+            self.changed.notify_all()
+        try:
+            yield threads_for(self.cores, busy)
+        finally:
+            with self.changed:
+                self.busy.value -= 1

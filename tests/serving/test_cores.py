@@ -1,0 +1,150 @@
+"""The cores shared among a server's workers: threads per busy count, the shared counter across
+processes, whose turn a request is, and the answerer each thread count picks."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from queue import Queue
+
+import pytest
+import torch
+
+from qa_lightning.serving.cores import CoreShare, auto_workers, threads_for
+from tests.serving import cores_child
+
+server = pytest.importorskip("qa_lightning.serving.server", reason="needs the serve extra")
+
+
+@pytest.mark.parametrize(
+    ("cores", "busy", "threads"),
+    [(2, 1, 2), (2, 2, 1), (2, 3, 1), (8, 3, 2), (1, 2, 1), (4, 0, 4)],
+)
+def test_threads_for(cores, busy, threads) -> None:
+    assert threads_for(cores, busy) == threads
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "cores", "workers"),
+    [("cpu", 2, 2), ("cpu", 1, 1), ("cpu", 16, 2), ("cuda", 16, 1)],
+)
+def test_auto_workers(accelerator, cores, workers) -> None:
+    assert auto_workers(accelerator, cores) == workers
+
+
+def test_thread_counts_are_every_share_most_first() -> None:
+    assert CoreShare(2, 2).thread_counts() == [2, 1]
+    assert CoreShare(8, 3).thread_counts() == [8, 4, 2]
+    assert CoreShare(4, 1).thread_counts() == [4]
+
+
+def test_claims_split_the_cores_and_are_released() -> None:
+    share = CoreShare(2, 2)
+    with share.claim() as alone, share.claim() as together:
+        assert (alone, together, share.busy.value) == (2, 1, 2)
+    assert share.busy.value == 0
+    with pytest.raises(RuntimeError), share.claim():
+        raise RuntimeError("a failed batch releases its claim")
+    assert share.busy.value == 0
+
+
+def test_the_counter_is_shared_with_spawned_workers() -> None:
+    """LitServe spawns its workers with the API (and this) pickled into them."""
+    context = multiprocessing.get_context("spawn")
+    share = CoreShare(2, 2)
+    started, release = context.Event(), context.Event()
+    child = context.Process(target=cores_child.hold_claim, args=(share, started, release))
+    child.start()
+    try:
+        assert started.wait(60)
+        assert share.busy.value == 1
+        with share.claim() as threads:
+            assert threads == 1  # the child answers too
+    finally:
+        release.set()
+        child.join(60)
+    assert child.exitcode == 0 and share.busy.value == 0
+
+
+def test_a_second_worker_waits_for_the_first_to_be_busy() -> None:
+    share = CoreShare(2, 2)
+    started = time.monotonic()
+    assert share.wait_turn(1, timeout=0.1) is False  # idle: worker 0 takes the request
+    assert time.monotonic() - started >= 0.09
+    assert share.wait_turn(0, timeout=0.0) is True
+    woke: list[float] = []
+    waiter = threading.Thread(target=lambda: woke.append(share.wait_turn(1, timeout=30)))
+    waiter.start()
+    time.sleep(0.2)
+    assert not woke
+    with share.claim():
+        waiter.join(5)
+        assert woke == [True]  # notified, not polled
+
+
+def request(uid: str) -> tuple:
+    return (0, uid, time.monotonic(), {"question": uid})
+
+
+class Limits:
+    max_batch_size = 4
+    batch_timeout = 0.0
+    request_timeout = 30.0
+
+    def __init__(self, cores: CoreShare) -> None:
+        self.cores = cores
+
+
+def test_the_second_worker_takes_requests_only_while_the_first_is_busy() -> None:
+    share = CoreShare(2, 2)
+    loop = server.GreedyBatchingLoop()
+    loop.worker_id, loop.idle_wait, loop.helper_poll = 1, 0.2, 0.0
+    queue = Queue()
+    queue.put(request("a"))
+    queue.put(request("b"))
+    with share.claim():  # worker 0 is busy: worker 1 takes what waits, at once
+        started = time.monotonic()
+        payloads, _ = loop.get_batch_requests(Limits(share), queue, None)
+        assert [uid for _, uid, _ in payloads] == ["a", "b"]
+        assert time.monotonic() - started < 0.1
+        assert loop.get_batch_requests(Limits(share), queue, None) == ([], [])  # never blocks
+    queue.put(request("c"))
+    started = time.monotonic()  # idle: left to worker 0 for idle_wait, then taken (sentinels)
+    payloads, _ = loop.get_batch_requests(Limits(share), queue, None)
+    assert [uid for _, uid, _ in payloads] == ["c"] and time.monotonic() - started >= 0.19
+
+
+class Recording:
+    def __init__(self, name: str) -> None:
+        self.name, self.calls = name, []
+
+    def answer(self, questions, contexts, top_k=1):
+        self.calls.append(list(questions))
+        return [[] for _ in questions]
+
+
+def test_each_batch_answers_with_the_threads_its_claim_gives() -> None:
+    share = CoreShare(2, 2)
+    api = server.QuestionAnsweringAPI(server.ModelSource(backend="torch"), cores=share)
+    api.by_threads = {2: Recording("two"), 1: Recording("one")}
+    api.predict([("alone", "c", 1, None)])
+    with share.claim():  # another worker answers meanwhile
+        api.predict([("shared", "c", 1, None)])
+    assert api.by_threads[2].calls == [["alone"]] and api.by_threads[1].calls == [["shared"]]
+    assert share.busy.value == 0
+
+
+def test_torch_logits_with_threads_share_the_model_and_set_the_threads(answerer) -> None:
+    logits_fn = answerer.logits_fn
+    one = logits_fn.with_threads(1)
+    assert one.model is logits_fn.model and one.threads == 1 and logits_fn.threads is None
+    batch = answerer.collator([{"input_ids": [2, 5, 6, 3], "attention_mask": [1, 1, 1, 1]}])
+    before = torch.get_num_threads()
+    try:
+        expected = logits_fn(batch)
+        got = one(batch)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(e, g) for e, g in zip(expected, got, strict=True))
