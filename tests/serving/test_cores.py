@@ -1,4 +1,4 @@
-"""The cores shared among a server's workers: threads per busy count, the shared counter across
+"""The cores shared among a server's workers: threads per busy count, the shared counters across
 processes, whose turn a request is, and the answerer each thread count picks."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from queue import Queue
 import pytest
 import torch
 
-from qa_lightning.serving.cores import CoreShare, auto_workers, threads_for
+from qa_lightning.serving.cores import CoreShare, CountedQueue, auto_workers, threads_for
 from tests.serving import cores_child
 
 server = pytest.importorskip("qa_lightning.serving.server", reason="needs the serve extra")
@@ -67,20 +67,27 @@ def test_the_counter_is_shared_with_spawned_workers() -> None:
     assert child.exitcode == 0 and share.busy.value == 0
 
 
-def test_a_second_worker_waits_for_the_first_to_be_busy() -> None:
+def test_a_second_worker_waits_for_a_request_while_the_first_is_busy() -> None:
     share = CoreShare(2, 2)
+    queue = CountedQueue(Queue(), share)
+    queue.put("a")
+    assert share.waiting.value == 1
     started = time.monotonic()
     assert share.wait_turn(1, timeout=0.1) is False  # idle: worker 0 takes the request
     assert time.monotonic() - started >= 0.09
     assert share.wait_turn(0, timeout=0.0) is True
-    woke: list[float] = []
-    waiter = threading.Thread(target=lambda: woke.append(share.wait_turn(1, timeout=30)))
-    waiter.start()
-    time.sleep(0.2)
-    assert not woke
     with share.claim():
+        assert share.wait_turn(1, timeout=0.0) is True
+        assert queue.get_nowait() == "a" and share.waiting.value == 0
+        woke: list[bool] = []
+        waiter = threading.Thread(target=lambda: woke.append(share.wait_turn(1, timeout=30)))
+        waiter.start()
+        time.sleep(0.2)
+        assert not woke  # worker 0 busy, but nothing waits
+        queue.put("b")
         waiter.join(5)
         assert woke == [True]  # notified, not polled
+    assert queue.get(timeout=1) == "b" and share.waiting.value == 0
 
 
 def request(uid: str) -> tuple:
@@ -100,7 +107,7 @@ def test_the_second_worker_takes_requests_only_while_the_first_is_busy() -> None
     share = CoreShare(2, 2)
     loop = server.GreedyBatchingLoop()
     loop.worker_id, loop.idle_wait, loop.helper_poll = 1, 0.2, 0.0
-    queue = Queue()
+    queue = CountedQueue(Queue(), share)
     queue.put(request("a"))
     queue.put(request("b"))
     with share.claim():  # worker 0 is busy: worker 1 takes what waits, at once
@@ -108,7 +115,10 @@ def test_the_second_worker_takes_requests_only_while_the_first_is_busy() -> None
         payloads, _ = loop.get_batch_requests(Limits(share), queue, None)
         assert [uid for _, uid, _ in payloads] == ["a", "b"]
         assert time.monotonic() - started < 0.1
-        assert loop.get_batch_requests(Limits(share), queue, None) == ([], [])  # never blocks
+        assert loop.get_batch_requests(Limits(share), queue, None) == (
+            [],
+            [],
+        )  # nothing waits: empty
     queue.put(request("c"))
     started = time.monotonic()  # idle: left to worker 0 for idle_wait, then taken (sentinels)
     payloads, _ = loop.get_batch_requests(Limits(share), queue, None)

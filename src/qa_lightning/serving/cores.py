@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 from collections.abc import Iterator
+from typing import Any
 
 #: ``serve.workers_per_device: auto`` on a CPU (at most; one per core below that). Measured on a
 #: 2-core CPU (docs/serving.md); more cores give each worker more threads, not more workers.
@@ -43,6 +44,8 @@ class CoreShare:
         # spawn-context objects: LitServe spawns its workers and pickles this with the API
         context = multiprocessing.get_context("spawn")
         self.busy = context.Value("i", 0)
+        #: requests in the queue, counted by :class:`CountedQueue`
+        self.waiting = context.Value("i", 0, lock=False)
         self.changed = context.Condition(self.busy.get_lock())
 
     def thread_counts(self) -> list[int]:
@@ -51,12 +54,23 @@ class CoreShare:
         return sorted(counts, reverse=True)
 
     def wait_turn(self, worker: int, timeout: float) -> bool:
-        """Wait (up to ``timeout`` s, without polling) until at least ``worker`` others answer:
-        worker 0 takes every request that finds the server idle, worker 1 only those that
-        arrive while worker 0 is busy, and so on. An idle server so answers from one worker,
-        whose model is warm in the CPU's caches. ``True`` when it is ``worker``'s turn."""
+        """Wait (up to ``timeout`` s, without polling) until a request waits while at least
+        ``worker`` others answer: worker 0 takes every request that finds the server idle,
+        worker 1 only those that arrive while worker 0 is busy, and so on. A lone request so
+        meets no other worker's activity. ``True`` when it is ``worker``'s turn."""
         with self.changed:
-            return self.changed.wait_for(lambda: self.busy.value >= worker, timeout)
+            return self.changed.wait_for(
+                lambda: self.busy.value >= worker and self.waiting.value > 0, timeout
+            )
+
+    def arrived(self) -> None:
+        with self.changed:
+            self.waiting.value += 1
+            self.changed.notify_all()
+
+    def taken(self) -> None:
+        with self.changed:
+            self.waiting.value -= 1
 
     @contextlib.contextmanager
     def claim(self) -> Iterator[int]:
@@ -70,3 +84,27 @@ class CoreShare:
         finally:
             with self.changed:
                 self.busy.value -= 1
+
+
+class CountedQueue:
+    """A worker queue (LitServe's request queue) that counts the requests waiting in it in a
+    :class:`CoreShare`, so that a worker waiting for its turn wakes when one arrives."""
+
+    def __init__(self, queue: Any, share: CoreShare) -> None:
+        self.queue = queue
+        self.share = share
+
+    def put(self, item: Any, *args: Any, **kwargs: Any) -> None:
+        self.queue.put(item, *args, **kwargs)
+        self.share.arrived()
+
+    def put_nowait(self, item: Any) -> None:
+        self.put(item, block=False)
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        item = self.queue.get(*args, **kwargs)
+        self.share.taken()
+        return item
+
+    def get_nowait(self) -> Any:
+        return self.get(block=False)

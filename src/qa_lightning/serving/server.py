@@ -43,7 +43,7 @@ from qa_lightning.answers.ranking import Answer
 from qa_lightning.core.errors import ConfigError
 from qa_lightning.model.logits import TorchLogits, resolve_device, resolve_precision
 from qa_lightning.serving.answerer import QuestionAnswerer
-from qa_lightning.serving.cores import CoreShare, auto_workers
+from qa_lightning.serving.cores import CoreShare, CountedQueue, auto_workers
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class GreedyBatchingLoop(BatchedLoop):
     #: LitServe's index of this worker; with a :class:`CoreShare`, worker ``k`` takes a first
     #: request only while ``k`` others answer (:meth:`CoreShare.wait_turn`)
     worker_id = 0
-    #: how long such a worker sleeps when its turn found the queue empty
+    #: how long such a worker sleeps when its turn found the queue empty (another took it)
     helper_poll = 0.002
 
     def __call__(self, lit_api: ls.LitAPI, device: str, worker_id: int, *args, **kwargs) -> None:
@@ -278,9 +278,9 @@ class GreedyBatchingLoop(BatchedLoop):
         cores = getattr(lit_api, "cores", None)
         helper = cores is not None and self.worker_id > 0
         if helper:
-            # its turn, or idle_wait passed (LitServe's stop sentinels are one per worker): take
-            # what is queued without waiting in the queue, where an idle server's next request
-            # would find it instead of worker 0
+            # its turn, or idle_wait passed (a look at the queue now and then, for a stop
+            # sentinel): take what is queued without waiting in the queue, where an idle
+            # server's next request would find this worker instead of worker 0
             cores.wait_turn(self.worker_id, self.idle_wait)
             deadline = time.monotonic()
         while len(payloads) < lit_api.max_batch_size:
@@ -485,12 +485,21 @@ def page_html() -> str:
 
 class QAServer(ls.LitServer):
     """LitServe's server, keeping its API server processes so that SIGTERM can drain them
-    (see :meth:`drain`)."""
+    (see :meth:`drain`), with its request queue counted for ``cores`` (when shared)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, cores: CoreShare | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.api_servers: dict[int, Any] = {}
         self.sockets: list[Any] = []
+        self.cores = cores
+
+    def _init_manager(self, num_api_servers: int) -> Any:
+        manager = super()._init_manager(num_api_servers)
+        if self.cores is not None:
+            queues = self.litapi_request_queues
+            for path, queue in queues.items():
+                queues[path] = CountedQueue(queue, self.cores)
+        return manager
 
     def _start_server(self, port, num_uvicorn_servers, log_level, sockets, *args, **kwargs):
         self.sockets = list(sockets or [])
@@ -548,6 +557,7 @@ def build_server(source: ModelSource, serve: ServeSettings, model_info: dict[str
             "threads": threads,
             "serve": _public(serve),
         },
+        cores=shared,
     )
     app = server.app
     app.add_exception_handler(RequestValidationError, validation_error)
