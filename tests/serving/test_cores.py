@@ -11,7 +11,13 @@ from queue import Queue
 import pytest
 import torch
 
-from qa_lightning.serving.cores import CoreShare, CountedQueue, auto_workers, threads_for
+from qa_lightning.serving.cores import (
+    CoreShare,
+    CountedQueue,
+    SharedLogits,
+    auto_workers,
+    threads_for,
+)
 from tests.serving import cores_child
 
 server = pytest.importorskip("qa_lightning.serving.server", reason="needs the serve extra")
@@ -41,8 +47,11 @@ def test_thread_counts_are_every_share_most_first() -> None:
 
 def test_claims_split_the_cores_and_are_released() -> None:
     share = CoreShare(2, 2)
-    with share.claim() as alone, share.claim() as together:
-        assert (alone, together, share.busy.value) == (2, 1, 2)
+    assert share.threads_now() == 2
+    with share.claim():
+        assert share.threads_now() == 2  # alone
+        with share.claim():
+            assert (share.threads_now(), share.busy.value) == (1, 2)
     assert share.busy.value == 0
     with pytest.raises(RuntimeError), share.claim():
         raise RuntimeError("a failed batch releases its claim")
@@ -59,8 +68,8 @@ def test_the_counter_is_shared_with_spawned_workers() -> None:
     try:
         assert started.wait(60)
         assert share.busy.value == 1
-        with share.claim() as threads:
-            assert threads == 1  # the child answers too
+        with share.claim():
+            assert share.threads_now() == 1  # the child answers too
     finally:
         release.set()
         child.join(60)
@@ -126,23 +135,50 @@ def test_the_second_worker_takes_requests_only_while_the_first_is_busy() -> None
 
 
 class Recording:
-    def __init__(self, name: str) -> None:
-        self.name, self.calls = name, []
+    """A model function with ``with_threads``: records the threads of each pass."""
 
-    def answer(self, questions, contexts, top_k=1):
-        self.calls.append(list(questions))
-        return [[] for _ in questions]
+    def __init__(self, calls: list, threads: int | None = None, spin: bool = True) -> None:
+        self.calls, self.threads, self.spin = calls, threads, spin
+
+    def with_threads(self, threads: int, spin: bool = True) -> Recording:
+        return Recording(self.calls, threads, spin)
+
+    def __call__(self, batch):
+        self.calls.append((batch, self.threads, self.spin))
+        return None, None
 
 
-def test_each_batch_answers_with_the_threads_its_claim_gives() -> None:
+def test_each_forward_pass_runs_with_the_threads_of_its_start() -> None:
+    share, calls = CoreShare(2, 2), []
+    logits_fn = SharedLogits(Recording(calls), share, spin=False)
+    assert sorted(logits_fn.by_threads) == [1, 2]
+    logits_fn("alone")
+    with share.claim():
+        logits_fn("still alone")
+        with share.claim():  # another worker starts: the next pass gives up half the cores
+            logits_fn("shared")
+        logits_fn("alone again")
+    assert calls == [
+        ("alone", 2, False),
+        ("still alone", 2, False),
+        ("shared", 1, False),
+        ("alone again", 2, False),
+    ]
+
+
+def test_a_batch_counts_as_busy_while_it_is_answered() -> None:
     share = CoreShare(2, 2)
+    seen = []
+
+    class Answerer:
+        def answer(self, questions, contexts, top_k=1):
+            seen.append(share.busy.value)
+            return [[] for _ in questions]
+
     api = server.QuestionAnsweringAPI(server.ModelSource(backend="torch"), cores=share)
-    api.by_threads = {2: Recording("two"), 1: Recording("one")}
-    api.predict([("alone", "c", 1, None)])
-    with share.claim():  # another worker answers meanwhile
-        api.predict([("shared", "c", 1, None)])
-    assert api.by_threads[2].calls == [["alone"]] and api.by_threads[1].calls == [["shared"]]
-    assert share.busy.value == 0
+    api.answerer = Answerer()
+    api.predict([("q", "c", 1, None)])
+    assert seen == [1] and share.busy.value == 0
 
 
 def test_torch_logits_with_threads_share_the_model_and_set_the_threads(answerer) -> None:
@@ -158,3 +194,18 @@ def test_torch_logits_with_threads_share_the_model_and_set_the_threads(answerer)
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(e, g) for e, g in zip(expected, got, strict=True))
+
+
+def test_setup_shares_the_cores_unless_threads_are_fixed(tiny_model_dir) -> None:
+    source = server.ModelSource(backend="torch", device="cpu", model_dir=str(tiny_model_dir))
+    api = server.QuestionAnsweringAPI(source, cores=CoreShare(2, 2))
+    api.setup("cpu")
+    shared = api.answerer.logits_fn
+    assert isinstance(shared, SharedLogits) and sorted(shared.by_threads) == [1, 2]
+    assert {fn.threads for fn in shared.by_threads.values()} == {1, 2}
+    fixed = server.ModelSource(
+        backend="torch", device="cpu", model_dir=str(tiny_model_dir), threads=1
+    )
+    api = server.QuestionAnsweringAPI(fixed)
+    api.setup("cpu")
+    assert api.answerer.logits_fn.threads == 1

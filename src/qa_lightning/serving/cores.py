@@ -16,7 +16,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from qa_lightning.model.logits import LogitsFn
 
 #: ``serve.workers_per_device: auto`` on a CPU (at most; one per core below that). Measured on a
 #: 2-core CPU (docs/serving.md); more cores give each worker more threads, not more workers.
@@ -72,18 +77,35 @@ class CoreShare:
         with self.changed:
             self.waiting.value -= 1
 
+    def threads_now(self) -> int:
+        """The threads of a pass that starts now."""
+        return threads_for(self.cores, self.busy.value)
+
     @contextlib.contextmanager
-    def claim(self) -> Iterator[int]:
-        """Count this worker as answering while the block runs; yields its threads."""
+    def claim(self) -> Iterator[None]:
+        """Count this worker as answering while the block runs."""
         with self.changed:
             self.busy.value += 1
-            busy = self.busy.value
             self.changed.notify_all()
         try:
-            yield threads_for(self.cores, busy)
+            yield
         finally:
             with self.changed:
                 self.busy.value -= 1
+
+
+class SharedLogits:
+    """A model function whose every forward pass runs with the threads the share gives at its
+    start (a batch of requests is several passes: a worker that started alone gives up half
+    its cores at its next pass when another starts)."""
+
+    def __init__(self, logits_fn: LogitsFn, share: CoreShare, spin: bool) -> None:
+        self.share = share
+        #: the model with each thread count (the model shared; a session each for ONNX)
+        self.by_threads = {n: logits_fn.with_threads(n, spin) for n in share.thread_counts()}
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.by_threads[self.share.threads_now()](batch)
 
 
 class CountedQueue:

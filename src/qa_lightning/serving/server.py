@@ -43,7 +43,7 @@ from qa_lightning.answers.ranking import Answer
 from qa_lightning.core.errors import ConfigError
 from qa_lightning.model.logits import TorchLogits, resolve_device, resolve_precision
 from qa_lightning.serving.answerer import QuestionAnswerer
-from qa_lightning.serving.cores import CoreShare, CountedQueue, auto_workers
+from qa_lightning.serving.cores import CoreShare, CountedQueue, SharedLogits, auto_workers
 
 log = logging.getLogger(__name__)
 
@@ -332,19 +332,14 @@ class QuestionAnsweringAPI(ls.LitAPI):
         self.source = source
         self.api_key = api_key or None
         self.cores = cores
-        #: the answerer for each thread count ``cores`` may give a batch (the model shared)
-        self.by_threads: dict[int, QuestionAnswerer] = {}
 
     def setup(self, device: str) -> None:
         self.answerer = self.source.load(device)
         if self.cores is not None:
-            logits_fn = self.answerer.logits_fn
             # pools that spin after a pass would take the cores from the other workers
             spin = self.cores.workers == 1
-            self.by_threads = {
-                threads: self.answerer.replaced(logits_fn.with_threads(threads, spin))
-                for threads in self.cores.thread_counts()
-            }
+            shared = SharedLogits(self.answerer.logits_fn, self.cores, spin)
+            self.answerer = self.answerer.replaced(shared)
         log.info("answering on %s: %s", device, describe(self.answerer, self.source))
 
     def authorize(self, request: Request) -> None:
@@ -369,34 +364,24 @@ class QuestionAnsweringAPI(ls.LitAPI):
     def predict(self, requests: list[tuple[str, str, int, Any]]) -> list[Any]:
         """The answers of each request (or the exception that answering it alone raised: one
         request the model cannot answer does not fail the others of its batch)."""
-        if self.cores is None:
-            return self._predict(self.answerer, requests)
-        with self.cores.claim() as threads:
-            return self._predict(self.by_threads[threads], requests)
-
-    def _predict(
-        self, answerer: QuestionAnswerer, requests: list[tuple[str, str, int, Any]]
-    ) -> list[Any]:
         questions, contexts, top_ks, ids = (list(column) for column in zip(*requests, strict=True))
-        try:
-            found = answerer.answer(questions, contexts, max(top_ks))
-        except Exception:
-            log.exception("answering a batch of %d failed; answering one by one", len(questions))
-            found = [
-                self._answer_alone(answerer, q, c, k)
-                for q, c, k in zip(questions, contexts, top_ks, strict=True)
-            ]
+        with self.cores.claim() if self.cores else contextlib.nullcontext():
+            try:
+                found = self.answerer.answer(questions, contexts, max(top_ks))
+            except Exception:
+                log.exception("answering a batch of %d failed; answering one by one", len(ids))
+                found = [
+                    self._answer_alone(q, c, k)
+                    for q, c, k in zip(questions, contexts, top_ks, strict=True)
+                ]
         return [
             (qid, answers if isinstance(answers, Exception) else answers[:k])
             for qid, answers, k in zip(ids, found, top_ks, strict=True)
         ]
 
-    @staticmethod
-    def _answer_alone(
-        answerer: QuestionAnswerer, question: str, context: str, top_k: int
-    ) -> list[Answer] | Exception:
+    def _answer_alone(self, question: str, context: str, top_k: int) -> list[Answer] | Exception:
         try:
-            return answerer.answer([question], [context], top_k)[0]
+            return self.answerer.answer([question], [context], top_k)[0]
         except Exception as error:
             log.exception("answering one request failed")
             return error
