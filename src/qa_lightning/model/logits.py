@@ -101,12 +101,8 @@ class OnnxLogits:
                 f"({type(error).__name__}: {str(error).strip()[:200]}); export it again with "
                 "python -m qa_lightning.export ckpt_path=... format=onnx."
             ) from error
-        self.onnx_path, self.providers, self.threads, self.spin = (
-            onnx_path,
-            providers,
-            threads,
-            spin,
-        )
+        self.onnx_path, self.providers = onnx_path, providers
+        self.threads, self.spin = threads, spin
         self.input_names = [i.name for i in self.session.get_inputs()]
         metadata = self.session.get_modelmeta().custom_metadata_map
         quantization = metadata.get(QUANTIZATION_METADATA_KEY)

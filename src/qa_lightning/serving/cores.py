@@ -40,8 +40,8 @@ def auto_workers(accelerator: str, cores: int) -> int:
 
 
 class CoreShare:
-    """``cores`` shared among ``workers`` processes; :meth:`claim` around each batch yields the
-    threads the batch may use."""
+    """``cores`` shared among ``workers`` processes: :meth:`claim` around each batch counts a
+    worker as answering, :meth:`threads_now` gives a forward pass its threads."""
 
     def __init__(self, cores: int, workers: int) -> None:
         self.cores = cores
@@ -69,11 +69,13 @@ class CoreShare:
             )
 
     def arrived(self) -> None:
+        """A request was queued (:class:`CountedQueue`)."""
         with self.changed:
             self.waiting.value += 1
             self.changed.notify_all()
 
     def taken(self) -> None:
+        """A worker took a request from the queue."""
         with self.changed:
             self.waiting.value -= 1
 

@@ -279,8 +279,9 @@ class GreedyBatchingLoop(BatchedLoop):
         helper = cores is not None and self.worker_id > 0
         if helper:
             # its turn, or idle_wait passed (a look at the queue now and then, for a stop
-            # sentinel): take what is queued without waiting in the queue, where an idle
-            # server's next request would find this worker instead of worker 0
+            # sentinel): take what is queued without waiting in the queue (nor for
+            # batch_timeout), where an idle server's next request would find this worker
+            # instead of worker 0
             cores.wait_turn(self.worker_id, self.idle_wait)
             deadline = time.monotonic()
         while len(payloads) < lit_api.max_batch_size:
