@@ -1,5 +1,5 @@
 """The cores shared among a server's workers: threads per busy count, the shared counters across
-processes, whose turn a request is, and the answerer each thread count picks."""
+processes, whose turn a request is, and the threads of each forward pass."""
 
 from __future__ import annotations
 

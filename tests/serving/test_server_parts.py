@@ -127,11 +127,14 @@ def test_a_request_the_model_fails_on_does_not_fail_its_batch() -> None:
         ("batch_timeout", 31.0),
         ("max_context_chars", -1),
         ("max_top_k", True),
+        ("workers_per_device", 0),
+        ("workers_per_device", "two"),
     ],
 )
 def test_serve_settings_checked(key, value) -> None:
     with pytest.raises(ConfigError, match=rf"serve\.{key}="):
         server.ServeSettings(**{key: value})
+    assert server.ServeSettings(workers_per_device="auto").problems() == []
 
 
 @pytest.mark.parametrize(
