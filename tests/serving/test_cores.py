@@ -19,6 +19,7 @@ from qa_lightning.serving.cores import (
     threads_for,
 )
 from tests.serving import cores_child
+from tests.serving.test_server_parts import request
 
 server = pytest.importorskip("qa_lightning.serving.server", reason="needs the serve extra")
 
@@ -97,10 +98,6 @@ def test_a_second_worker_waits_for_a_request_while_the_first_is_busy() -> None:
         waiter.join(5)
         assert woke == [True]  # notified, not polled
     assert queue.get(timeout=1) == "b" and share.waiting.value == 0
-
-
-def request(uid: str) -> tuple:
-    return (0, uid, time.monotonic(), {"question": uid})
 
 
 class Limits:

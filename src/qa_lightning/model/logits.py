@@ -35,20 +35,17 @@ class LogitsFn(Protocol):
 
 class TorchLogits:
     """An ``AutoModelForQuestionAnswering`` run with PyTorch, in fp32 or under autocast
-    (``precision``: a key of :data:`AUTOCAST_DTYPES`); ``threads``: torch's intra-op threads for
-    each call (``None``: as they are)."""
+    (``precision``: a key of :data:`AUTOCAST_DTYPES`)."""
+
+    #: torch's intra-op threads for each call (``None``: as they are; see :meth:`with_threads`)
+    threads: int | None = None
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        device: str = "cpu",
-        precision: str = "32-true",
-        threads: int | None = None,
+        self, model: torch.nn.Module, device: str = "cpu", precision: str = "32-true"
     ) -> None:
         self.device = torch.device(device)
         self.dtype = AUTOCAST_DTYPES[precision]
         self.model = model.to(self.device).eval()
-        self.threads = threads
 
     def with_threads(self, threads: int, spin: bool = True) -> TorchLogits:
         """The same model (shared, not copied), called with ``threads`` intra-op threads
@@ -102,7 +99,6 @@ class OnnxLogits:
                 "python -m qa_lightning.export ckpt_path=... format=onnx."
             ) from error
         self.onnx_path, self.providers = onnx_path, providers
-        self.threads, self.spin = threads, spin
         self.input_names = [i.name for i in self.session.get_inputs()]
         metadata = self.session.get_modelmeta().custom_metadata_map
         quantization = metadata.get(QUANTIZATION_METADATA_KEY)

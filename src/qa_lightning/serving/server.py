@@ -336,12 +336,13 @@ class QuestionAnsweringAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         self.answerer = self.source.load(device)
+        # described before sharing: SharedLogits hides the ONNX model's quantization
+        log.info("answering on %s: %s", device, describe(self.answerer, self.source))
         if self.cores is not None:
             # pools that spin after a pass would take the cores from the other workers
             spin = self.cores.workers == 1
             shared = SharedLogits(self.answerer.logits_fn, self.cores, spin)
             self.answerer = self.answerer.replaced(shared)
-        log.info("answering on %s: %s", device, describe(self.answerer, self.source))
 
     def authorize(self, request: Request) -> None:
         """LitServe's authentication hook: with an API key, every path but :data:`OPEN_PATHS`
