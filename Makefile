@@ -13,7 +13,7 @@ T4 := $(VENV)/transformers4
 T4_PACKAGES := transformers==4.57.1 huggingface_hub==0.36.2 tokenizers==0.22.2 \
 	requests urllib3 idna certifi charset_normalizer
 
-.PHONY: setup demo test test-all lint bench wheel-check
+.PHONY: setup demo test test-slow test-all lint bench wheel-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ test: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
+
+# the slow set (real MiniLM, shared SQuAD data, fault injection); CI runs it after `make test`
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 test-all: setup
 	$(PY) -m pytest -q

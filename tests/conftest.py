@@ -82,8 +82,19 @@ def shared_squad() -> Path:
     return SHARED_SQUAD
 
 
+#: The entry points that are Hydra apps: their run dir defaults to the repository's outputs/.
+HYDRA_ENTRY_POINTS = {
+    f"qa_lightning.{name}" for name in ("train", "evaluate", "predict", "export", "serve")
+}
+
+
 def run_cli(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """``python -m module args`` from the repository root, offline."""
+    """``python -m module args`` from the repository root, offline. A Hydra entry point is given
+    its run dir (``hydra.run.dir=`` under the test's tmp_path), so that no test writes into the
+    repository's ``outputs/``."""
+    given = ("hydra.run.dir=", "hydra.sweep.dir=", "--cfg", "--help")
+    if module in HYDRA_ENTRY_POINTS and not any(arg.startswith(given) for arg in args):
+        raise AssertionError(f"run_cli({module!r}, ...) needs hydra.run.dir=<tmp_path>/...")
     environ = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
     if "HYDRA_FULL_ERROR" not in env:
         environ.pop("HYDRA_FULL_ERROR", None)

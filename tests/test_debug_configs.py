@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from qa_lightning.core.errors import TrainingError
 from qa_lightning.runs.monitoring import OverfitCheck
+from qa_lightning.runs.tuning import MAX_STEPS, MIN_STEPS, epoch_steps, finder_steps
 from qa_lightning.train import train
 from tests.conftest import TINY_OVERRIDES
 
@@ -34,6 +36,7 @@ def test_fdr_runs_one_batch_of_each_and_writes_metrics(compose_train) -> None:
     run_dir = Path(cfg.paths.output_dir)
     assert metrics["global_step"] == 1
     assert metrics["best_checkpoint"] in (None, "")  # fast_dev_run saves no checkpoint
+    assert not (run_dir / "checkpoints").exists()  # last.ckpt neither
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1
     assert not (run_dir / "tensorboard").exists()  # nor logs
 
@@ -89,12 +92,19 @@ def test_overfit_check_fails_a_loss_above_the_bound() -> None:
     check.on_train_end(trainer, None)  # passes
 
 
-def test_lr_find_suggests_applies_and_plots(compose_train) -> None:
+def test_lr_find_suggests_applies_and_plots(compose_train, caplog) -> None:
     pytest.importorskip("matplotlib")
-    cfg = compose_train([*TINY_OVERRIDES, "tune=lr_find", "tune.num_training=20"])
-    metrics = train(cfg)
+    cfg = compose_train([*TINY_OVERRIDES, "tune=lr_find"])
+    assert cfg.tune.num_training is None  # sized to the data
+    with caplog.at_level(logging.INFO, logger="qa_lightning.runs.tuning"):
+        metrics = train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     tuned = metrics["tune"]
+    # an epoch is 5 steps: the finder runs its least, said before it starts
+    assert tuned["steps"] == MIN_STEPS == 20
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lr_find: ")]
+    assert said[0].startswith("lr_find: 20 training steps (one epoch is 5; tune.num_training")
+    assert "from 1e-07 to 1, then the weights restored" in said[0]
     assert cfg.tune.min_lr < tuned["lr_suggestion"] < cfg.tune.max_lr
     assert tuned["lr"] == tuned["lr_suggestion"] != cfg.model.lr
     assert Path(tuned["plot"]) == run_dir / "lr_find.png"
@@ -112,10 +122,32 @@ def test_lr_find_suggests_applies_and_plots(compose_train) -> None:
 
 def test_lr_find_without_apply_keeps_the_configured_lr(compose_train) -> None:
     cfg = compose_train(
-        [*TINY_OVERRIDES, "tune=lr_find", "tune.num_training=20", "tune.apply=false"]
+        [*TINY_OVERRIDES, "tune=lr_find", "tune.num_training=12", "tune.apply=false"]
     )
     metrics = train(cfg)
     assert metrics["tune"]["lr"] == cfg.model.lr
+    assert metrics["tune"]["steps"] == 12  # as given
     events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
     events.Reload()
     assert events.Scalars("train/lr/pg1")[0].value == pytest.approx(cfg.model.lr)
+
+
+@pytest.mark.parametrize(
+    ("num_training", "epoch", "steps"),
+    [(None, 5, MIN_STEPS), (None, 60, 60), (None, 2_700, MAX_STEPS), (7, 2_700, 7)],
+)
+def test_finder_steps_are_an_epoch_within_bounds_unless_given(num_training, epoch, steps) -> None:
+    assert finder_steps(num_training, epoch) == steps
+
+
+@pytest.mark.parametrize(
+    ("limit", "accumulate", "steps"),
+    [(1.0, 1, 6), (1.0, 2, 3), (0.5, 1, 3), (4, 1, 4), (4, 3, 1)],
+)
+def test_epoch_steps_are_the_optimizer_steps_of_one_rank(limit, accumulate, steps) -> None:
+    """11 batches over 2 ranks: 6 on each, then the trainer's limit and accumulation."""
+    datamodule = SimpleNamespace(setup=lambda stage: None, train_dataloader=lambda: range(11))
+    trainer = SimpleNamespace(
+        world_size=2, limit_train_batches=limit, accumulate_grad_batches=accumulate
+    )
+    assert epoch_steps(trainer, datamodule) == steps

@@ -69,7 +69,8 @@ def test_two_process_validation_scores_exactly_as_one(compose_train, tmp_path: P
 
     one = evaluate_cli(tmp_path / "one", "trainer=cpu", *common)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = evaluate_cli(tmp_path / "two", "trainer=ddp_cpu", *common)
+    # verbose: Lightning's line naming the process group (quiet by default)
+    two = evaluate_cli(tmp_path / "two", "trainer=ddp_cpu", "verbose=true", *common)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "MEMBER: 2/2" in two.stderr + two.stdout
 

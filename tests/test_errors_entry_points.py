@@ -124,7 +124,7 @@ def compose_predict(compose_train, model_dir: Path, *overrides: str):
         (["input=BAD_UTF8"], ["input='BAD_UTF8' is not valid UTF-8"]),
         (["input=EMPTY"], ["input='EMPTY' has no line that can be answered (1 bad line(s))"]),
         (["input=GOOD", "output=TMP"], ["cannot write output='TMP' (Is a directory)"]),
-        (["backend=onnx", "onnx_path=GOOD", "question=Who?", "context=Me."], ["onnxruntime"]),
+        (["onnx_path=GOOD", "question=Who?", "context=Me."], ["onnxruntime"]),
     ],
 )
 def test_predict_errors_name_the_key_or_file(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -40,16 +41,21 @@ def test_evaluate_reproduces_the_training_scores_exactly(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ([], "give exactly one of ckpt_path=PATH"),
-        (["ckpt_path=a.ckpt", "model_dir=b"], "give exactly one of ckpt_path=PATH"),
-        (["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),
+        ([], "give exactly one of model_dir=PATH"),
+        (["ckpt_path=a.ckpt", "model_dir=b"], "give exactly one of model_dir=PATH"),
+        (["ckpt_path=/nonexistent.ckpt", "data=demo"], "ckpt_path='/nonexistent.ckpt' does not"),
         (["model_dir=/nonexistent"], "model_dir='/nonexistent' is not a directory"),
-        (["model_dir=.", "data=local"], "no validation data: set data.validation_file=PATH"),
-        (["model_dir=.", "data.stride=400"], "data.stride=400"),
+        (["model_dir=MODEL"], "no validation data: choose them with data=..., e.g. data=demo"),
+        (["model_dir=MODEL", "data=local"], "no validation data: set data.validation_file=PATH"),
+        (["model_dir=MODEL", "data=demo", "data.stride=400"], "data.stride=400"),
     ],
 )
-def test_config_errors_come_before_any_work(compose_eval, overrides, message) -> None:
-    with pytest.raises(ConfigError, match=message):
+def test_config_errors_come_before_any_work(compose_eval, tmp_path, overrides, message) -> None:
+    model_dir = tmp_path / "hf_model"  # the layout of a model directory; nothing is loaded
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    overrides = [o.replace("MODEL", str(model_dir)) for o in overrides]
+    with pytest.raises(ConfigError, match=re.escape(message)):
         evaluate(compose_eval(overrides))
 
 
@@ -57,4 +63,4 @@ def test_a_file_that_is_no_checkpoint_is_a_clear_error(compose_eval, tmp_path: P
     not_a_checkpoint = tmp_path / "notes.ckpt"
     not_a_checkpoint.write_text("hello")
     with pytest.raises(ConfigError, match="is not a readable PyTorch checkpoint"):
-        evaluate(compose_eval([f"ckpt_path={not_a_checkpoint}"]))
+        evaluate(compose_eval([f"ckpt_path={not_a_checkpoint}", "data=demo"]))

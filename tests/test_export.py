@@ -69,6 +69,37 @@ def test_predict_on_the_exported_model_gives_the_training_answers(trained, valid
     assert same / len(answers) >= 0.99, f"{same}/{len(answers)}"
 
 
+def test_predict_answers_with_a_checkpoint_as_with_its_hf_model(
+    compose_train, trained, tmp_path
+) -> None:
+    """predict takes ckpt_path= as evaluate, export and serve do: the best checkpoint answers
+    exactly as the hf_model/ that training exported from it."""
+    from qa_lightning.predict import predict
+
+    questions = tmp_path / "questions.jsonl"
+    examples = load_local_file(resource_path("demo/validation.json"))
+    questions.write_text(
+        "".join(
+            json.dumps({"id": e["id"], "question": e["question"], "context": e["context"]}) + "\n"
+            for e in examples
+        )
+    )
+    rows = {}
+    for key, path in (
+        ("ckpt_path", trained["best_checkpoint"]),
+        ("model_dir", trained["run_dir"] / "hf_model"),
+    ):
+        output = tmp_path / f"{key}.jsonl"
+        overrides = [f"{key}={path}", f"input={questions}", f"output={output}", "top_k=3"]
+        cfg = compose_train(
+            [*overrides, "device=cpu", "precision=32-true", "progress=false"],
+            config_name="predict",
+        )
+        assert predict(cfg)["answered"] == len(examples)
+        rows[key] = [json.loads(line) for line in output.read_text().splitlines()]
+    assert rows["ckpt_path"] == rows["model_dir"]
+
+
 def test_question_answering_pipeline_loads_the_exported_model(trained, validation) -> None:
     """The transformers 4 pipeline (transformers 5 removed it) loads ``hf_model/``.
 
@@ -148,8 +179,8 @@ def test_hf_export_of_a_checkpoint_equals_trainings(compose_train, trained, tmp_
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ([], "give exactly one of ckpt_path=PATH"),
-        (["ckpt_path=a", "model_dir=b"], "give exactly one of ckpt_path=PATH"),
+        ([], "give exactly one of model_dir=PATH"),
+        (["ckpt_path=a", "model_dir=b"], "give exactly one of model_dir=PATH"),
         (["format=tflite", "ckpt_path=a"], "format='tflite'; use one of"),
         (["format=hf", "model_dir=."], "format=hf exports a checkpoint"),
         (["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),

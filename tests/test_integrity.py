@@ -419,13 +419,16 @@ def test_a_model_dir_without_tokenizer_files_is_refused_everywhere(
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_predict_with_a_model_dir_without_tokenizer_files_exits_2(without_tokenizer) -> None:
+def test_cli_predict_with_a_model_dir_without_tokenizer_files_exits_2(
+    without_tokenizer, tmp_path
+) -> None:
     result = run_cli(
         "qa_lightning.predict",
         f"model_dir={without_tokenizer}",
         "question=Who wrote it?",
         "context=The committee wrote it.",
         "device=cpu",
+        f"hydra.run.dir={tmp_path / 'predict'}",
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -516,8 +519,9 @@ def test_a_full_disk_while_writing_tensorboard_events_is_a_clear_error(
     with pytest.raises(ResourceError) as error:
         train(cfg)
     message = str(error.value)
-    assert f"no space left on the disk of '{run_dir}'" in message
-    assert "while training wrote events.out.tfevents (TensorBoard events" in message
+    assert f"no space left on the disk of '{run_dir.parent}'" in message
+    assert "while writing the run's logs (TensorBoard events ...)" in message
+    assert "No space left on device: 'events.out.tfevents'" in message
     assert f"continue with resume=true hydra.run.dir={run_dir}" in message
     assert not (run_dir / "metrics.json").exists()
 

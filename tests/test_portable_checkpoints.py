@@ -205,7 +205,12 @@ def test_an_earlier_checkpoint_whose_base_is_gone_is_a_clear_error(
     assert f"base '{portable['base']}'" in message
     assert f"python -m qa_lightning.export ckpt_path={earlier_checkpoint} format=hf" in message
 
-    result = run_cli("qa_lightning.export", f"ckpt_path={earlier_checkpoint}", "format=hf")
+    result = run_cli(
+        "qa_lightning.export",
+        f"ckpt_path={earlier_checkpoint}",
+        "format=hf",
+        f"hydra.run.dir={portable['tmp'] / 'export_failed'}",
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "it holds no model config" in result.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -348,21 +349,28 @@ def test_empty_inputs_are_clear_errors(answerer) -> None:
     ("overrides", "message"),
     [
         ([], "give either question=... context=..."),
-        (["question=Who?", "context=Me."], "give model_dir=PATH"),
+        (["question=Who?", "context=Me."], "give exactly one of model_dir=PATH"),
         (["question=Who?", "context=Me.", "input=x.jsonl"], "give either"),
-        (["input=/nonexistent.jsonl"], "input='/nonexistent.jsonl' does not exist"),
-        (["question=Who?"], None),
-        (["question=Who?", "context=Me.", "backend=onnx"], "backend=onnx needs onnx_path"),
+        (["input=/nonexistent.jsonl", "model_dir=MODEL"], "input='/nonexistent.jsonl' does not"),
+        (["question=Who?", "model_dir=MODEL"], None),
+        (
+            ["question=Who?", "context=Me.", "onnx_path=/nonexistent.onnx"],
+            "onnx_path='/nonexistent.onnx' does not exist",
+        ),
         (
             ["question=Who?", "context=Me.", "model_dir=/nonexistent"],
             "model_dir='/nonexistent' is not a",
         ),
-        (["question=Who?", "context=Me.", "backend=tf"], "backend='tf'"),
+        (
+            ["question=Who?", "context=Me.", "model_dir=RUN"],
+            "model_dir='RUN' is a run dir, not a Hugging Face model directory; its model: "
+            "model_dir=MODEL.",
+        ),
         (["question=Who?", "context=Me.", "top_k=0"], "top_k=0"),
         (["question=Who?", "context=Me.", "model_dir=MODEL", "precision=fp8"], "precision='fp8'"),
         (
-            ["question=Who?", "context=Me.", "backend=onnx", "precision=bf16-mixed"],
-            "precision='bf16-mixed' with backend=onnx",
+            ["question=Who?", "context=Me.", "onnx_path=x.onnx", "precision=bf16-mixed"],
+            "precision='bf16-mixed' with onnx_path",
         ),
         (
             ["question=Who?", "context=Me.", "stride=100", "model_dir=MODEL"],
@@ -371,13 +379,16 @@ def test_empty_inputs_are_clear_errors(answerer) -> None:
     ],
 )
 def test_config_errors_name_the_key(compose_train, model_dir, overrides, message) -> None:
-    overrides = [o.replace("MODEL", str(model_dir)) for o in overrides]
+    def fill(text: str) -> str:
+        return text.replace("RUN", str(model_dir.parent)).replace("MODEL", str(model_dir))
+
+    overrides = [fill(o) for o in overrides]
     cfg = compose_train(overrides, config_name="predict")
     if message is None:  # a question without its context: an input error, also before loading
         with pytest.raises(InputError, match="the context is missing; give a non-empty context"):
             predict(cfg)
         return
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(fill(message))):
         predict(cfg)
 
 
@@ -404,3 +415,19 @@ def test_onnx_backend_gives_the_torch_answers(model_dir: Path, tmp_path: Path, v
         for t, o in zip(torch_answers, onnx_answers, strict=True):
             assert [(a.text, a.start, a.end) for a in t] == [(a.text, a.start, a.end) for a in o]
             assert [a.score for a in t] == pytest.approx([a.score for a in o], abs=1e-5)
+
+
+def test_a_base_encoder_without_a_qa_head_is_refused_not_answered_at_random(tmp_path) -> None:
+    """The demo model's package is a sentence encoder: its weights lack qa_outputs.*, which
+    transformers would fill with random values."""
+    from qa_lightning.core.errors import ConfigError
+    from qa_lightning.serving.answerer import QuestionAnswerer
+    from tests.conftest import minilm_path
+
+    with pytest.raises(ConfigError) as error:
+        QuestionAnswerer.from_model_dir(minilm_path(), "cpu")
+    message = str(error.value)
+    assert (
+        "is not a question-answering model: it lacks qa_outputs.bias, qa_outputs.weight" in message
+    )
+    assert "python -m qa_lightning.train model.name_or_path=" in message

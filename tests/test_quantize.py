@@ -1,5 +1,5 @@
 """int8 exports (``export quantize=int8``), their agreement check and settings record, serving them
-with ``predict backend=onnx``, and scoring ONNX models with ``evaluate onnx_path=``."""
+with ``predict onnx_path=``, and scoring ONNX models with ``evaluate onnx_path=``."""
 
 from __future__ import annotations
 
@@ -135,11 +135,10 @@ def test_int8_export_quantises_the_weights_and_records_recipe_and_agreement(
     assert meta == {k: v for k, v in record.items() if k not in ("agreement", "checks")}
 
 
-def test_int8_export_answers_through_predict_backend_onnx(int8_export, tmp_path: Path) -> None:
+def test_int8_export_answers_through_predict_onnx_path(int8_export, tmp_path: Path) -> None:
     question, context = "Who wrote the report?", "The report was written by the committee in 1998."
     result = run_cli(
         "qa_lightning.predict",
-        "backend=onnx",
         f"onnx_path={int8_export['out_dir'] / 'model.onnx'}",
         f"question='{question}'",
         f"context='{context}'",
@@ -198,7 +197,7 @@ def test_evaluate_scores_onnx_exports_with_the_training_code_path(
 def test_evaluate_onnx_runs_on_the_cpu_in_its_own_precision(compose_eval, random_onnx) -> None:
     from qa_lightning.evaluate import configure_model_source
 
-    cfg = compose_eval([f"onnx_path={random_onnx}", "trainer=cpu_bf16"])
+    cfg = compose_eval([f"onnx_path={random_onnx}", "data=demo", "trainer=cpu_bf16"])
     assert configure_model_source(cfg) == {"source": str(random_onnx), "source_type": "onnx"}
     assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("cpu", "32-true")
     assert cfg.data.tokenizer_name_or_path == str(random_onnx.parent)
@@ -207,8 +206,8 @@ def test_evaluate_onnx_runs_on_the_cpu_in_its_own_precision(compose_eval, random
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["onnx_path=a.onnx", "model_dir=b"], "give exactly one of ckpt_path=PATH, model_dir"),
-        (["onnx_path=/nonexistent.onnx"], "onnx_path='/nonexistent.onnx' does not exist"),
+        (["onnx_path=a.onnx", "ckpt_path=b"], "give exactly one of model_dir=PATH"),
+        (["onnx_path=/nonexistent.onnx", "data=demo"], "onnx_path='/nonexistent.onnx' does not"),
     ],
 )
 def test_evaluate_onnx_config_errors(compose_eval, overrides, message) -> None:
@@ -220,7 +219,7 @@ def test_an_onnx_file_without_its_tokenizer_is_a_clear_error(compose_eval, tmp_p
     lonely = tmp_path / "model.onnx"
     lonely.write_bytes(b"")
     with pytest.raises(ConfigError, match="has no tokenizer beside it"):
-        evaluate(compose_eval([f"onnx_path={lonely}"]))
+        evaluate(compose_eval([f"onnx_path={lonely}", "data=demo"]))
 
 
 def test_excluded_nodes_stay_fp32(random_onnx, tmp_path: Path) -> None:

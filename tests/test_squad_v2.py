@@ -95,7 +95,7 @@ def test_v2_training_logs_v2_metrics_and_threshold_decides(
     )
     for backend in (
         [f"model_dir={metrics['hf_model']}", "precision=32-true"],
-        ["backend=onnx", f"onnx_path={onnx_dir / 'model.onnx'}"],
+        [f"onnx_path={onnx_dir / 'model.onnx'}"],
     ):
         output = tmp_path / "answers.jsonl"
         predict(

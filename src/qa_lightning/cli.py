@@ -8,14 +8,17 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
+from difflib import SequenceMatcher
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
 from qa_lightning.core.errors import QAError, ResourceError
 from qa_lightning.core.integrity import disk_full_cause, free_space, is_disk_full, write_atomic
+from qa_lightning.core.quiet import quiet_libraries
+from qa_lightning.runs.run_dir import record_failure
 
 T = TypeVar("T")
 #: The entry points' Hydra configs: the repository's ``conf/``, which the build installs as the
@@ -42,9 +45,28 @@ def report_errors(task: Callable[[], T]) -> T:
         message = user_error(error)
         if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("%s", message)
         print(f"error: {message}", file=sys.stderr)
+        log_to_files(logging.ERROR, message)  # the console has it once, from standard error
+        record_failure(message)  # the run dir's status.json: failed, with this message
         sys.exit(2)
+
+
+def log_to_files(level: int, message: str) -> None:
+    """``message`` into the log files only (Hydra's ``<task>.log``), not onto the console."""
+    record = log.makeRecord(log.name, level, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and level >= handler.level:
+            handler.handle(record)
+
+
+def quiet_output(cfg: Any) -> None:
+    """Other libraries' notes, tips and progress bars off
+    (:func:`~qa_lightning.core.quiet.quiet_libraries`), unless the entry point's config says
+    ``verbose=true`` or Hydra's ``hydra.verbose`` is set."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_verbose = HydraConfig.initialized() and bool(HydraConfig.get().verbose)
+    quiet_libraries(verbose=bool(cfg.get("verbose")) or hydra_verbose)
 
 
 def quiet_full_log_files() -> None:
@@ -103,6 +125,154 @@ def user_error(error: BaseException) -> str | None:
             "add --cfg job to the command to print the composed config."
         )
     return None
+
+
+def hydra_main(config_name: str) -> Callable[[Callable[[Any], T]], Callable[..., Any]]:
+    """``hydra.main`` of an entry point (config ``config_name`` in :data:`CONFIG_PATH`), where an
+    override that names a key or a config option that does not exist (``data.bacth_size=8``,
+    ``data=sampel``) stops in one line naming the closest known ones, exit 2
+    (:func:`override_error`), instead of Hydra's message and exit 1."""
+    import hydra
+
+    def decorate(task: Callable[[Any], T]) -> Callable[..., Any]:
+        main = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
+        run = main(task)
+
+        @wraps(run)
+        def run_explaining_overrides(*args: Any, **kwargs: Any) -> Any:
+            with _override_errors_explained():
+                return run(*args, **kwargs)
+
+        return run_explaining_overrides
+
+    return decorate
+
+
+@contextmanager
+def _override_errors_explained() -> Iterator[None]:
+    """``hydra.main`` runs each of its steps (composing, running, ``--cfg``) through
+    ``hydra._internal.utils.run_and_report``, which prints an error and exits 1: within the block,
+    an error there that :func:`override_error` explains is its line, exit 2, instead."""
+    from hydra._internal import utils as hydra_utils
+
+    report = hydra_utils.run_and_report
+    hydra_utils.run_and_report = lambda func: report(partial(_explain_override_errors, func))
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = report
+
+
+def _explain_override_errors(func: Callable[[], T]) -> T:
+    from hydra._internal.utils import get_args_parser
+    from hydra.errors import ConfigCompositionException
+
+    try:
+        return func()
+    except ConfigCompositionException as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        overrides = get_args_parser().parse_known_args(sys.argv[1:])[0].overrides
+        message = override_error(error, overrides)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def override_error(error: BaseException, overrides: Sequence[str]) -> str | None:
+    """The one-line message for a composition error that one of the command line's
+    ``overrides`` caused: a key the config does not have (naming the closest keys it has, or
+    the config group to choose first) or a config group option that does not exist (naming the
+    closest options); ``None`` for other errors."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import MissingConfigException
+    from omegaconf import OmegaConf
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    if isinstance(error, MissingConfigException):
+        return _unknown_option(error, parsed)
+    cause = error.__cause__
+    node = getattr(cause, "parent_node", None)
+    failed = str(getattr(cause, "full_key", None) or "")
+    if node is None or not failed:
+        return None
+    override = next(
+        (
+            o
+            for o in parsed
+            if not (o.is_add() or o.is_force_add() or o.is_delete())
+            and (o.key_or_group == failed or o.key_or_group.startswith(failed + "."))
+        ),
+        None,
+    )
+    if override is None:
+        return None
+    typed, line = override.key_or_group, override.input_line
+    every_key = "add --cfg job to the command to print every key"
+    head, _, name = failed.rpartition(".")
+    if not head and (options := _group_options(name)):
+        return (
+            f"{line} sets a key of the {name} config, and none is chosen: choose one first, "
+            f"{name}=OPTION {line} (the options in {name}: {', '.join(options)})."
+        )
+    keys = list(_dotted_keys(OmegaConf.to_container(node._get_root(), resolve=False)))
+    if not typed.startswith("hydra."):
+        keys = [key for key in keys if not key.startswith("hydra.")]
+    if close := closest(typed, keys):
+        guess = " or ".join(close)
+        return f"unknown config key {typed} in {line}: did you mean {guess}? ({every_key})"
+    where = head or "the config"
+    return f"unknown config key {typed} in {line}: {where} has no key {name} ({every_key})."
+
+
+def closest(typed: str, known: Sequence[str]) -> list[str]:
+    """Up to 3 of the ``known`` keys (or options) closest to ``typed``: the shortest ending in
+    ``.typed`` (``batch_size``: ``data.batch_size``), else the most similar (``difflib``)."""
+    ending = sorted((key for key in known if key.endswith(f".{typed}")), key=lambda k: k.count("."))
+    if ending:
+        return [key for key in ending if key.count(".") == ending[0].count(".")][:3]
+    ratio = {key: SequenceMatcher(None, typed, key).ratio() for key in known}
+    ranked = sorted(ratio, key=lambda key: -ratio[key])
+    best = ratio[ranked[0]] if ranked else 0.0
+    return [key for key in ranked[:3] if ratio[key] >= max(0.75, best - 0.05)]
+
+
+def _unknown_option(error: Any, parsed: Sequence[Any]) -> str | None:
+    """The message for ``group=option`` with no such option (``data=sampel``)."""
+    group, _, option = str(error.missing_cfg_file or "").rpartition("/")
+    for override in parsed:
+        if override.key_or_group != group:
+            continue
+        value = override.value()
+        if override.is_sweep_override():
+            value = list(override.sweep_string_iterator())
+        options = list(error.options or _group_options(group))
+        if option in map(str, value if isinstance(value, list) else [value]) and options:
+            close = closest(option, options)
+            given = f"{group}={option}"
+            where = f" (in {override.input_line})" if override.input_line != given else ""
+            guess = f" did you mean {' or '.join(f'{group}={c}' for c in close)}?" if close else ""
+            return f"no config {given}{where}:{guess} The options in {group}: {', '.join(options)}."
+    return None
+
+
+def _group_options(group: str) -> list[str]:
+    """The options of the config group ``group`` (``[]`` if there is none) in the search path
+    of the Hydra application being composed."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return []
+    return GlobalHydra.instance().config_loader().get_group_options(group)
+
+
+def _dotted_keys(config: Any, prefix: str = "") -> Iterator[str]:
+    """Every key of a nested dict as a dotted path, parents first."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            yield f"{prefix}{key}"
+            yield from _dotted_keys(value, f"{prefix}{key}.")
 
 
 def disk_full_anywhere(error: BaseException) -> ResourceError:

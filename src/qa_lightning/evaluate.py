@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -23,7 +22,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qa_lightning.answers.config import validate_decoding_config
 from qa_lightning.answers.settings import SETTINGS_FILE, InferenceSettings, check_model_dir
-from qa_lightning.cli import CONFIG_PATH, explain_out_of_memory, report_errors, write_results
+from qa_lightning.cli import (
+    explain_out_of_memory,
+    hydra_main,
+    quiet_output,
+    report_errors,
+    write_results,
+)
 from qa_lightning.core.config import register_resolvers, validate_max_length
 from qa_lightning.core.errors import ConfigError
 from qa_lightning.core.integrity import write_atomic
@@ -37,6 +42,7 @@ from qa_lightning.runs.checkpoint_reading import (
     trust_setting,
 )
 from qa_lightning.serving.answerer import resolve_onnx_path
+from qa_lightning.serving.model_keys import GivenModel, given_model
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -94,24 +100,20 @@ def use_saved_settings(
     return origins
 
 
-def configure_model_source(cfg: DictConfig) -> dict[str, str]:
-    """Point ``cfg.model`` and the data module's tokenizer at the checkpoint's (its embedded
-    config and tokenizer, written to ``<run dir>/checkpoint_model``, or for a checkpoint of an
-    earlier version its base model) or at ``model_dir``, and the windowing and decoding at the
-    model's saved settings except those given on the command line; returns the source."""
-    ckpt_path, model_dir = cfg.get("ckpt_path"), cfg.get("model_dir")
-    if cfg.get("onnx_path"):
-        return configure_onnx_source(cfg)
-    if bool(ckpt_path) == bool(model_dir):
-        raise ConfigError(
-            "give exactly one of ckpt_path=PATH (a training checkpoint, e.g. "
-            "outputs/train/RUN/checkpoints/best-....ckpt), model_dir=PATH (a Hugging Face "
-            "model directory, e.g. outputs/train/RUN/hf_model) or onnx_path=PATH (an ONNX "
-            "export, e.g. outputs/export/RUN/onnx_int8_model/model.onnx)."
-        )
+def configure_model_source(cfg: DictConfig, model: GivenModel | None = None) -> dict[str, str]:
+    """Point ``cfg.model`` and the data module's tokenizer at the model that ``model_dir``,
+    ``ckpt_path`` or ``onnx_path`` names (``model``: :func:`given_model` of ``cfg``): a
+    checkpoint's embedded config and tokenizer (written to ``<run dir>/checkpoint_model``, or for
+    a checkpoint of an earlier version its base model), a Hugging Face directory or an ONNX
+    export; and the windowing and decoding at the model's saved settings except those given on
+    the command line. Returns the source."""
+    model = model or given_model(cfg)
+    if model.key == "onnx_path":
+        return configure_onnx_source(cfg, model)
     with open_dict(cfg):
         cfg.model.keep_layers = None  # the checkpoint's (or directory's) config has its layers
-        if ckpt_path:
+        if model.key == "ckpt_path":
+            ckpt_path = cfg.ckpt_path
             checkpoint = read_checkpoint(ckpt_path, trust_setting(cfg))
             directory = Path(cfg.paths.output_dir) / CHECKPOINT_MODEL_DIR
             source = checkpoint_model_source(checkpoint, ckpt_path, directory)
@@ -123,11 +125,7 @@ def configure_model_source(cfg: DictConfig) -> dict[str, str]:
             saved = checkpoint_settings(checkpoint)
             use_saved_settings(cfg, saved, "checkpoint", command_line_keys())
             return {"source": str(ckpt_path), "source_type": "checkpoint"}
-        if not Path(model_dir).is_dir():
-            raise ConfigError(
-                f"model_dir='{model_dir}' is not a directory (resolved to "
-                f"'{Path(model_dir).resolve()}'); training writes one to <run dir>/hf_model."
-            )
+        model_dir = cfg.model_dir
         check_model_dir(model_dir)
         cfg.model.name_or_path = str(model_dir)
         cfg.model.config_overrides = None
@@ -147,26 +145,28 @@ def use_directory_settings(cfg: DictConfig, directory: str | Path, origin: str) 
         use_saved_settings(cfg, saved, origin, command_line_keys())
 
 
-def configure_onnx_source(cfg: DictConfig) -> dict[str, str]:
-    """Point ``cfg.model`` at an ONNX export (``onnx_path``, its tokenizer beside it) run by
-    onnxruntime in ``OnnxQAModule``, on the CPU in its own precision; returns the source."""
-    if cfg.get("ckpt_path") or cfg.get("model_dir"):
-        raise ConfigError(
-            "give exactly one of ckpt_path=PATH, model_dir=PATH or onnx_path=PATH (an ONNX "
-            "export, scored with onnxruntime)."
+def configure_onnx_source(cfg: DictConfig, model: GivenModel) -> dict[str, str]:
+    """Point ``cfg.model`` at an ONNX export (``onnx_path``; its tokenizer and settings beside
+    it, or in ``model_dir``) run by onnxruntime in ``OnnxQAModule``, on the CPU in its own
+    precision; returns the source."""
+    onnx_path = resolve_onnx_path(model.path)
+    tokenizer_dir = model.tokenizer_dir or onnx_path.parent
+    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+        where = (
+            f"model_dir='{tokenizer_dir}' (the tokenizer of onnx_path) holds no tokenizer"
+            if model.tokenizer_dir
+            else f"onnx_path='{onnx_path}' has no tokenizer beside it"
         )
-    onnx_path = resolve_onnx_path(cfg.onnx_path)
-    if not (onnx_path.parent / "tokenizer_config.json").is_file():
         raise ConfigError(
-            f"onnx_path='{onnx_path}' has no tokenizer beside it; evaluate the directory that "
-            "python -m qa_lightning.export wrote (model.onnx with its tokenizer and settings)."
+            f"{where}; evaluate the directory that python -m qa_lightning.export wrote "
+            "(model.onnx with its tokenizer and settings)."
         )
-    check_model_dir(onnx_path.parent)
+    check_model_dir(tokenizer_dir)
     with open_dict(cfg):
-        use_directory_settings(cfg, onnx_path.parent, "ONNX export")
+        use_directory_settings(cfg, tokenizer_dir, "ONNX export")
         cfg.model._target_ = "qa_lightning.model.onnx_model.OnnxQAModule"
         cfg.model.onnx_path = str(onnx_path)
-        cfg.model.name_or_path = str(onnx_path.parent)  # the tokenizer, for the data module
+        cfg.model.name_or_path = str(tokenizer_dir)  # the tokenizer, for the data module
         cfg.model.config_overrides = None
         cfg.model.from_scratch = False
         cfg.model.compile = False
@@ -177,6 +177,18 @@ def configure_onnx_source(cfg: DictConfig) -> dict[str, str]:
             )
         cfg.trainer.accelerator, cfg.trainer.precision = "cpu", "32-true"
     return {"source": str(onnx_path), "source_type": "onnx"}
+
+
+def check_data_choice(cfg: DictConfig) -> None:
+    """Evaluation has no default data: without ``data=...`` say how to give validation data,
+    before anything is read or downloaded."""
+    if cfg.get("data") is None:
+        raise ConfigError(
+            "no validation data: choose them with data=..., e.g. data=demo (the shipped demo "
+            "questions), data=local data.validation_file=FILE (SQuAD json, jsonl or parquet), "
+            "data=mrqa data.validation_file=FILE, or data=sample (SQuAD's validation split from "
+            "the Hugging Face hub); the windowing and decoding stay the model's."
+        )
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
@@ -208,7 +220,9 @@ def validate_eval_config(cfg: DictConfig) -> None:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Validate once; write ``metrics.json``, ``predictions.json`` and the resolved config to the
     run dir. Returns the metrics written."""
-    source = configure_model_source(cfg)
+    model = given_model(cfg)  # the model keys, then the data choice: before anything is read
+    check_data_choice(cfg)
+    source = configure_model_source(cfg, model)
     validate_eval_config(cfg)
     # checked to load with weights_only=True, or trusted (trust_checkpoint=true)
     weights_only = (
@@ -278,9 +292,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+@hydra_main("eval")
 def main(cfg: DictConfig) -> float:
     """Returns ``f1``."""
+    quiet_output(cfg)
     return report_errors(lambda: evaluate(cfg))["f1"]
 
 

@@ -16,10 +16,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from qa_lightning.cli import CONFIG_PATH, report_errors
+from qa_lightning.cli import hydra_main, quiet_output, report_errors
 from qa_lightning.core.errors import ConfigError, ExportError
 from qa_lightning.runs.checkpoint_reading import (
     load_checkpoint,
@@ -28,30 +27,29 @@ from qa_lightning.runs.checkpoint_reading import (
 )
 from qa_lightning.serving.exports import check_out_dir, export_checked_onnx, save_hf
 from qa_lightning.serving.int8 import check_quantize_config, quantize_export
+from qa_lightning.serving.model_keys import given_model
 
 FORMATS = ("hf", "onnx")
+#: The model keys export takes (conf/model_keys.yaml): an ONNX export is exported already.
+EXPORTABLE = ("model_dir", "ckpt_path")
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Run an export as configured in ``conf/export.yaml``; returns what was written."""
     if cfg.format not in FORMATS:
         raise ConfigError(f"invalid config: format={cfg.format!r}; use one of {list(FORMATS)}.")
-    if bool(cfg.get("ckpt_path")) == bool(cfg.get("model_dir")):
-        raise ConfigError(
-            "give exactly one of ckpt_path=PATH (a training checkpoint) or model_dir=PATH "
-            "(a Hugging Face directory, for format=onnx)."
-        )
-    if cfg.format == "hf" and not cfg.get("ckpt_path"):
+    if cfg.format == "hf" and cfg.get("model_dir") and not cfg.get("ckpt_path"):
         raise ConfigError("format=hf exports a checkpoint: give ckpt_path=PATH, not model_dir.")
+    model = given_model(cfg, EXPORTABLE)
     if cfg.format == "onnx":
         _check_onnx_config(cfg)
     recipe = check_quantize_config(cfg)
     default_name = f"{cfg.format}_{cfg.quantize}_model" if recipe else f"{cfg.format}_model"
     out_dir = check_out_dir(cfg.get("out_dir") or Path(cfg.paths.output_dir) / default_name)
-    if cfg.get("ckpt_path"):
-        exported = load_checkpoint(cfg.ckpt_path, trust_setting(cfg))
+    if model.key == "ckpt_path":
+        exported = load_checkpoint(model.path, trust_setting(cfg))
     else:
-        exported = load_model_dir(cfg.model_dir)
+        exported = load_model_dir(model.path)
     try:
         if cfg.format == "hf":
             path = save_hf(exported, out_dir)
@@ -89,8 +87,9 @@ def _check_onnx_config(cfg: DictConfig) -> None:
         )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+@hydra_main("export")
 def main(cfg: DictConfig) -> None:
+    quiet_output(cfg)
     report_errors(lambda: export(cfg))
 
 

@@ -11,48 +11,36 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from qa_lightning.answers.settings import SETTING_KEYS
-from qa_lightning.cli import CONFIG_PATH, explain_out_of_memory, report_errors
+from qa_lightning.cli import explain_out_of_memory, hydra_main, quiet_output, report_errors
 from qa_lightning.core.config import register_resolvers
 from qa_lightning.core.errors import ConfigError
+from qa_lightning.runs.checkpoint_reading import trust_setting
 from qa_lightning.serving.answerer import QuestionAnswerer, check_inputs
 from qa_lightning.serving.jsonl import STDIO, load_question_file, write_answers
+from qa_lightning.serving.model_keys import (
+    GivenModel,
+    check_onnx_precision,
+    given_model,
+    load_answerer,
+)
 
 log = logging.getLogger(__name__)
 register_resolvers()
 
 
-def load_answerer(cfg: DictConfig) -> QuestionAnswerer:
-    """The configured backend: ``torch`` (``model_dir``) or ``onnx`` (``onnx_path``)."""
-    settings = {key: cfg.get(key) for key in SETTING_KEYS}
-    if cfg.backend == "torch":
-        if not cfg.get("model_dir"):
-            raise ConfigError(
-                "give model_dir=PATH, a Hugging Face model directory such as a training run's "
-                "outputs/train/RUN/hf_model (or backend=onnx onnx_path=PATH)."
-            )
-        return QuestionAnswerer.from_model_dir(
-            cfg.model_dir, cfg.device, cfg.batch_size, cfg.precision, **settings
-        )
-    if cfg.backend == "onnx":
-        if cfg.precision not in ("auto", "32-true"):
-            raise ConfigError(
-                f"invalid config: precision={cfg.precision!r} with backend=onnx, which runs the "
-                "exported model in its own precision (fp32, or int8 for quantize=int8 exports); "
-                "precision applies to backend=torch."
-            )
-        if not cfg.get("onnx_path"):
-            raise ConfigError(
-                "backend=onnx needs onnx_path=PATH, written by "
-                "python -m qa_lightning.export ckpt_path=... format=onnx."
-            )
-        return QuestionAnswerer.from_onnx(
-            cfg.onnx_path, cfg.get("model_dir"), cfg.batch_size, **settings
-        )
-    raise ConfigError(f"invalid config: backend={cfg.backend!r}; use torch or onnx.")
+def configured_answerer(cfg: DictConfig, model: GivenModel) -> QuestionAnswerer:
+    """The answerer of ``model`` (:func:`given_model` of ``cfg``) with ``cfg``'s settings."""
+    return load_answerer(
+        model,
+        cfg.device,
+        cfg.batch_size,
+        cfg.precision,
+        trust_setting(cfg),
+        **{key: cfg.get(key) for key in SETTING_KEYS},
+    )
 
 
 def _text(value: Any) -> Any:
@@ -94,13 +82,19 @@ def predict(cfg: DictConfig) -> Any:
             "give either question=... context=... (one question), or input=FILE.jsonl or "
             'input=- for standard input (one {"question": ..., "context": ...} object a line).'
         )
+    for key, example in (("top_k", 3), ("batch_size", 32)):
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(
+                f"invalid config: {key}={value!r}; must be an integer > 0 (e.g. {key}={example})."
+            )
     top_k = cfg.top_k
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0:
-        raise ConfigError(f"invalid config: top_k={top_k!r}; must be an integer > 0 (e.g. 3).")
+    model = given_model(cfg)  # the model keys and paths, before any input is read
+    check_onnx_precision(model, cfg.precision)
     if single:
         question, context = _text(cfg.question), _text(cfg.context)
         check_inputs([question], [context])  # before loading the model
-        answerer = load_answerer(cfg)
+        answerer = configured_answerer(cfg, model)
         with answering_memory(cfg):
             answers = answerer.answer([question], [context], top_k)[0]
         if not answers:
@@ -110,7 +104,7 @@ def predict(cfg: DictConfig) -> Any:
         return [answer.as_dict() for answer in answers]
     output = answers_output(cfg)
     questions, problems = load_question_file(cfg.input)
-    answerer = load_answerer(cfg)
+    answerer = configured_answerer(cfg, model)
     with answering_memory(cfg):
         summary = write_answers(answerer, questions, problems, output, top_k, cfg.progress)
     bad = summary["bad_lines"]
@@ -129,8 +123,9 @@ def predict(cfg: DictConfig) -> Any:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
+@hydra_main("predict")
 def main(cfg: DictConfig) -> None:
+    quiet_output(cfg)
     report_errors(lambda: predict(cfg))
 
 

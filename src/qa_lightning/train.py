@@ -4,28 +4,35 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from qa_lightning.cli import CONFIG_PATH, explain_out_of_memory, report_errors, write_results
+from qa_lightning.cli import (
+    explain_out_of_memory,
+    hydra_main,
+    quiet_output,
+    report_errors,
+    write_results,
+)
 from qa_lightning.core.config import register_resolvers, validate_max_length
-from qa_lightning.core.errors import ConfigError, ResourceError, TrainingError
+from qa_lightning.core.errors import ConfigError, TrainingError
 from qa_lightning.core.hardware import cpu_bf16_warning
-from qa_lightning.core.integrity import disk_full_error, free_space, is_disk_full, write_atomic
+from qa_lightning.core.integrity import disk_full_error, write_atomic, writing
 from qa_lightning.core.tokenizer import load_model_tokenizer
-from qa_lightning.runs.checkpoint_reading import load_checkpoint_file, trust_setting
+from qa_lightning.runs.checkpoint_reading import (
+    check_resumable,
+    load_checkpoint_file,
+    trust_setting,
+)
 from qa_lightning.runs.config import validate_train_config
-from qa_lightning.runs.monitoring import log_run_files
+from qa_lightning.runs.monitoring import early_stopping_summary, log_run_files
 from qa_lightning.runs.teacher import attach_teacher_logits, check_teacher
 from qa_lightning.runs.tuning import find_lr
 from qa_lightning.serving.exports import try_export_hf
@@ -49,13 +56,15 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, bool]:
     if path.is_dir():  # a sharded (DeepSpeed, FSDP) checkpoint: its strategy reads it
         return str(path), not trust
     try:
-        weights_only = load_checkpoint_file(path, trust)[1]  # memory-mapped
+        checkpoint, weights_only = load_checkpoint_file(path, trust)  # memory-mapped
     except ConfigError as error:
         raise ConfigError(
-            f"{error} Cannot continue from it ({key}); give another checkpoint with "
-            "ckpt_path=PATH (e.g. the run's checkpoints/best-*.ckpt), or start afresh in a new "
-            "run dir."
+            f"{error} Cannot continue from it ({key}); give another last.ckpt with "
+            "ckpt_path=PATH, start afresh in a new run dir, or from the weights of the run's "
+            "best checkpoint (checkpoints/best-*.ckpt, exported to hf_model/): "
+            "model.name_or_path=<run dir>/hf_model model.from_scratch=false."
         ) from error
+    check_resumable(checkpoint, path, key)
     return str(path), weights_only
 
 
@@ -78,7 +87,14 @@ def fit(
     """``trainer.fit``; a non-finite loss, running out of memory or a full disk (checkpoints,
     TensorBoard events) becomes a :class:`QAError` naming the settings to change and the
     checkpoint kept."""
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    output_dir = Path(cfg.paths.output_dir)
+    last = output_dir / "checkpoints" / "last.ckpt"
+
+    def kept() -> str:
+        if last.is_file():
+            return f"'{last}' is kept: continue with resume=true hydra.run.dir={output_dir}"
+        return "no checkpoint was written yet"
+
     data, trainer_cfg = cfg.data, cfg.trainer
     memory_settings = {
         "data.batch_size": data.batch_size,
@@ -94,55 +110,20 @@ def fit(
         "effective batch), lower data.eval_batch_size if it failed in validation, use "
         "trainer.precision=bf16-mixed on a GPU, or lower data.max_length.",
         lambda: (
-            f"Progress so far is in '{last}': continue with resume=true "
-            f"hydra.run.dir={cfg.paths.output_dir}."
+            f"Progress so far is in '{last}': continue with resume=true hydra.run.dir={output_dir}."
             if last.is_file()
             else ""
         ),
     ):
         try:
-            with explain_disk_full(cfg):
+            # checkpoints report a full disk themselves (AtomicCheckpointIO); this is the rest:
+            # logs such as TensorBoard events, whose writer thread fails at the next write
+            with writing(output_dir, "the run's logs (TensorBoard events ...)", kept=kept):
                 trainer.fit(
                     model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only
                 )
         except FloatingPointError as error:
             raise diverged_error(error, cfg, last) from error
-
-
-@contextmanager
-def explain_disk_full(cfg: DictConfig) -> Iterator[None]:
-    """A full disk inside the block (TensorBoard events, written by a background thread whose
-    error surfaces at the next write) becomes a :class:`ResourceError` saying what is kept;
-    checkpoints raise their own
-    (:class:`~qa_lightning.runs.checkpoint_writing.AtomicCheckpointIO`)."""
-    try:
-        yield
-    except ResourceError:
-        raise
-    except Exception as error:
-        if not is_disk_full(error):
-            raise
-        raise disk_full_while_training(error, cfg) from error
-
-
-def disk_full_while_training(error: BaseException, cfg: DictConfig) -> ResourceError:
-    """A full disk while training wrote something else than a checkpoint (TensorBoard events)."""
-    while not isinstance(error, OSError) and (error.__cause__ or error.__context__):
-        error = error.__cause__ or error.__context__
-    output_dir = Path(cfg.paths.output_dir)
-    last = output_dir / "checkpoints" / "last.ckpt"
-    written = getattr(error, "filename", None) or f"the run dir '{output_dir}'"
-    kept = (
-        f"'{last}' is kept: continue with resume=true hydra.run.dir={output_dir} once there is "
-        "room."
-        if last.is_file()
-        else "No checkpoint was written yet."
-    )
-    return ResourceError(
-        f"no space left on the disk of '{output_dir}' ({free_space(output_dir)}) while training "
-        f"wrote {written} (TensorBoard events, logs; {type(error).__name__}: {error}). Free disk "
-        f"space, or run on a disk with room (hydra.run.dir=DIR). {kept}"
-    )
 
 
 def diverged_error(error: FloatingPointError, cfg: DictConfig, last: Path) -> TrainingError:
@@ -222,6 +203,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "final": {k: model.last_scores.get(k) for k in ("em", "f1")},
         "best": model.best,
         "epochs": trainer.current_epoch,
+        # null while early stopping is off; else whether (and at which epoch, why) it stopped
+        "early_stopping": early_stopping_summary(trainer.early_stopping_callback, trainer),
         "global_step": trainer.global_step,
         "wall_time_s": round(wall_time, 1),
         "train_questions": datamodule.num_train_examples,
@@ -259,9 +242,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@hydra_main("train")
 def main(cfg: DictConfig) -> float:
     """Returns the best ``val/f1``, the value a Hydra sweeper optimises."""
+    quiet_output(cfg)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # raise, not exit: Hydra records the job as failed and the sweep goes on
         return train(cfg)["best"]["f1"]

@@ -3,6 +3,7 @@ model, started once per session and stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -78,9 +79,14 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def children(self) -> list[int]:
-        """The server's child processes (API server, inference workers, LitServe's manager)."""
-        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+        """The server's child processes (API server, inference workers, LitServe's manager),
+        of every thread (LitServe's monitor thread starts a worker again)."""
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        found = []
+        for path in tasks.glob("*/children"):
+            with contextlib.suppress(OSError):  # the thread ended
+                found += [int(pid) for pid in path.read_text().split()]
+        return found
 
     def inference_workers(self) -> list[int]:
         return [

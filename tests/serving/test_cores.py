@@ -4,6 +4,8 @@ processes, whose turn a request is, and the threads of each forward pass."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from queue import Queue
@@ -49,14 +51,14 @@ def test_thread_counts_are_every_share_most_first() -> None:
 def test_claims_split_the_cores_and_are_released() -> None:
     share = CoreShare(2, 2)
     assert share.threads_now() == 2
-    with share.claim():
+    with share.claim(0):
         assert share.threads_now() == 2  # alone
-        with share.claim():
-            assert (share.threads_now(), share.busy.value) == (1, 2)
-    assert share.busy.value == 0
-    with pytest.raises(RuntimeError), share.claim():
+        with share.claim(1):
+            assert (share.threads_now(), share.busy) == (1, 2)
+    assert share.busy == 0
+    with pytest.raises(RuntimeError), share.claim(0):
         raise RuntimeError("a failed batch releases its claim")
-    assert share.busy.value == 0
+    assert share.busy == 0
 
 
 def test_the_counter_is_shared_with_spawned_workers() -> None:
@@ -68,27 +70,27 @@ def test_the_counter_is_shared_with_spawned_workers() -> None:
     child.start()
     try:
         assert started.wait(60)
-        assert share.busy.value == 1
-        with share.claim():
+        assert share.busy == 1
+        with share.claim(1):
             assert share.threads_now() == 1  # the child answers too
     finally:
         release.set()
         child.join(60)
-    assert child.exitcode == 0 and share.busy.value == 0
+    assert child.exitcode == 0 and share.busy == 0
 
 
 def test_a_second_worker_waits_for_a_request_while_the_first_is_busy() -> None:
     share = CoreShare(2, 2)
     queue = CountedQueue(Queue(), share)
     queue.put("a")
-    assert share.waiting.value == 1
+    assert share.waiting == 1
     started = time.monotonic()
     assert share.wait_turn(1, timeout=0.1) is False  # idle: worker 0 takes the request
     assert time.monotonic() - started >= 0.09
     assert share.wait_turn(0, timeout=0.0) is True
-    with share.claim():
+    with share.claim(0):
         assert share.wait_turn(1, timeout=0.0) is True
-        assert queue.get_nowait() == "a" and share.waiting.value == 0
+        assert queue.get_nowait() == "a" and share.waiting == 0
         woke: list[bool] = []
         waiter = threading.Thread(target=lambda: woke.append(share.wait_turn(1, timeout=30)))
         waiter.start()
@@ -97,7 +99,45 @@ def test_a_second_worker_waits_for_a_request_while_the_first_is_busy() -> None:
         queue.put("b")
         waiter.join(5)
         assert woke == [True]  # notified, not polled
-    assert queue.get(timeout=1) == "b" and share.waiting.value == 0
+    assert queue.get(timeout=1) == "b" and share.waiting == 0
+
+
+@pytest.mark.parametrize("stop", [signal.SIGSTOP, signal.SIGKILL])
+def test_a_stopped_or_killed_worker_holds_up_no_one(stop) -> None:
+    """The OOM killer or a SIGSTOP may catch a worker anywhere, also asleep for its turn: a
+    request that arrives then (in the API process) and the other workers go on at once."""
+    context = multiprocessing.get_context("spawn")
+    share = CoreShare(2, 2)
+    started = context.Event()
+    child = context.Process(target=cores_child.wait_for_turn, args=(share, started))
+    child.start()
+    try:
+        assert started.wait(60)
+        time.sleep(0.3)  # asleep in wait_turn
+        os.kill(child.pid, stop)
+        queue = CountedQueue(Queue(), share)
+        went_on = threading.Event()
+
+        def api_and_worker_0() -> None:
+            queue.put("a")  # the API process
+            with share.claim(0):  # worker 0
+                queue.put("b")
+            went_on.set()
+
+        threading.Thread(target=api_and_worker_0, daemon=True).start()
+        assert went_on.wait(5), "a request waited for a stopped or dead worker"
+        assert share.waiting == 2 and share.busy == 0
+    finally:
+        child.kill()
+        child.join(60)
+
+
+def test_a_restarted_worker_is_not_busy() -> None:
+    share = CoreShare(2, 2)
+    share.busy_flags[1] = 1  # killed while it answered
+    share.wakes[1].release()
+    share.started(1)
+    assert share.busy == 0 and share.wakes[1].acquire(False) is False
 
 
 class Limits:
@@ -116,7 +156,7 @@ def test_the_second_worker_takes_requests_only_while_the_first_is_busy() -> None
     queue = CountedQueue(Queue(), share)
     queue.put(request("a"))
     queue.put(request("b"))
-    with share.claim():  # worker 0 is busy: worker 1 takes what waits, at once
+    with share.claim(0):  # worker 0 is busy: worker 1 takes what waits, at once
         started = time.monotonic()
         payloads, _ = loop.get_batch_requests(Limits(share), queue, None)
         assert [uid for _, uid, _ in payloads] == ["a", "b"]
@@ -150,9 +190,9 @@ def test_each_forward_pass_runs_with_the_threads_of_its_start() -> None:
     logits_fn = SharedLogits(Recording(calls), share, spin=False)
     assert sorted(logits_fn.by_threads) == [1, 2]
     logits_fn("alone")
-    with share.claim():
+    with share.claim(0):
         logits_fn("still alone")
-        with share.claim():  # another worker starts: the next pass gives up half the cores
+        with share.claim(1):  # another worker starts: the next pass gives up half the cores
             logits_fn("shared")
         logits_fn("alone again")
     assert calls == [
@@ -169,13 +209,13 @@ def test_a_batch_counts_as_busy_while_it_is_answered() -> None:
 
     class Answerer:
         def answer(self, questions, contexts, top_k=1):
-            seen.append(share.busy.value)
+            seen.append(share.busy)
             return [[] for _ in questions]
 
     api = server.QuestionAnsweringAPI(server.ModelSource(backend="torch"), cores=share)
     api.answerer = Answerer()
     api.predict([("q", "c", 1, None)])
-    assert seen == [1] and share.busy.value == 0
+    assert seen == [1] and share.busy == 0
 
 
 def test_torch_logits_with_threads_share_the_model_and_set_the_threads(answerer) -> None:

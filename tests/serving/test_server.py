@@ -5,6 +5,7 @@ batched; every endpoint; bad requests get a JSON 4xx naming the problem, and the
 from __future__ import annotations
 
 import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -43,6 +44,14 @@ def assert_same_answers(got: list[dict], want: list[dict]) -> None:
         (a["answer"], a["start"], a["end"]) for a in want
     ]
     assert [a["score"] for a in got] == pytest.approx([a["score"] for a in want], abs=1e-5)
+
+
+def test_serving_is_logged_once_health_answers(server, tiny_model_dir) -> None:
+    log = server.log()
+    serving = log.index(f"serving {tiny_model_dir} (torch, ")
+    assert f"at http://127.0.0.1:{server.port}/" in log[serving:]
+    assert log.rindex('"GET /health HTTP/1.1" 200', 0, serving) > log.rindex("Uvicorn running")
+    assert log.count("Loading weights: 100%") <= 1  # the start-up check at most, not each worker
 
 
 def test_health_and_info(server, tiny_model_dir) -> None:
@@ -100,6 +109,7 @@ def test_concurrent_requests_batched_answer_as_alone(server, answerer) -> None:
         assert_same_answers(response.json()["answers"], want)
 
 
+JSON = {"content-type": "application/json"}
 BAD_REQUESTS = [
     (
         {"content": b"{not json", "headers": {"content-type": "application/json"}},
@@ -149,6 +159,54 @@ BAD_REQUESTS = [
         413,
         "serve.max_body_bytes=1000000",
     ),
+    # text the tokenizer cannot take (a lone surrogate, which JSON's \u escapes can send)
+    (
+        {"content": rb'{"question": "Who \ud800?", "context": "x"}', "headers": JSON},
+        422,
+        "the question is not valid Unicode text (a lone surrogate \\ud800 at character 4)",
+    ),
+    (
+        {"content": rb'{"question": "Who?", "context": "x \udfff"}', "headers": JSON},
+        422,
+        "the context is not valid Unicode text",
+    ),
+    # the id is echoed: a string, an integer or null
+    (
+        {"content": rb'{"question": "Who?", "context": "x", "id": NaN}', "headers": JSON},
+        422,
+        "id must be a string, an integer or null, not a number",
+    ),
+    (
+        {"json": {"question": "Who?", "context": "x", "id": 1.5}},
+        422,
+        "id must be a string, an integer or null, not a number",
+    ),
+    (
+        {"json": {"question": "Who?", "context": "x", "id": True}},
+        422,
+        "id must be a string, an integer or null, not a boolean",
+    ),
+    (
+        {
+            "content": b'{"question": "Who?", "context": "x", "id": '
+            + b"[" * 300
+            + b"]" * 300
+            + b"}",
+            "headers": JSON,
+        },
+        422,
+        "id must be a string, an integer or null, not an array",
+    ),
+    (
+        {"json": {"question": "Who?", "context": "x", "id": {"a": 1}}},
+        422,
+        "id must be a string, an integer or null, not an object",
+    ),
+    (
+        {"content": rb'{"question": "Who?", "context": "x", "id": "q\udc80"}', "headers": JSON},
+        422,
+        "the id is not valid Unicode text",
+    ),
 ]
 
 
@@ -161,6 +219,100 @@ def test_bad_request_named_then_server_goes_on(server, answerer, kwargs, status,
     good = post(server, {"question": QUESTIONS[2], "context": CONTEXT})
     assert good.status_code == 200
     assert_same_answers(good.json()["answers"], expected(answerer, QUESTIONS[2], CONTEXT))
+
+
+def test_a_body_announced_too_large_is_refused_before_it_is_sent(server) -> None:
+    """413 from the Content-Length header alone: the server does not wait for the body."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000001\r\n\r\n"
+        )
+        head = sock.recv(65536).decode()
+    assert head.startswith("HTTP/1.1 413"), head
+    assert "serve.max_body_bytes=1000000" in head and "application/json" in head
+
+
+def test_other_hosts_get_400(server) -> None:
+    """DNS rebinding: a page of evil.example whose name resolves to 127.0.0.1 sends its own
+    name in the Host header."""
+    for path in ("/info", "/predict", "/"):
+        response = httpx.get(f"{server.url}{path}", headers={"Host": f"evil.example:{server.port}"})
+        assert response.status_code == 400, path
+        assert "not a name of this server (serve.allowed_hosts: " in response.json()["detail"]
+    for host in (f"localhost:{server.port}", f"[::1]:{server.port}", "127.0.0.1"):
+        assert httpx.get(f"{server.url}/info", headers={"Host": host}).status_code == 200
+    health = httpx.get(f"{server.url}/health", headers={"Host": "probe.internal"})
+    assert health.status_code == 200  # probes name the address they reach
+
+
+def scrape(server, **kwargs) -> dict[tuple, float]:
+    """``/metrics`` as ``{(sample name, sorted labels): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{server.url}/metrics", **kwargs)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_known_traffic_exactly(server, tiny_model_dir) -> None:
+    before = scrape(server)
+    good = {"question": QUESTIONS[0], "context": CONTEXT}
+    for body, times in [(good, 3), ({"question": ""}, 2)]:
+        for _ in range(times):
+            post(server, body)
+    httpx.get(f"{server.url}/nope")
+    httpx.get(f"{server.url}/info", headers={"Host": "evil.example"})
+    after = scrape(server)
+
+    def added(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    requests = "qa_http_requests_total"
+    assert added(requests, route="/predict", status="200") == 3
+    assert added(requests, route="/predict", status="422") == 2
+    assert added(requests, route="other", status="404") == 1
+    assert added(requests, route="/info", status="400") == 1
+    assert added(requests, route="/metrics", status="200") == 1  # the first scrape
+    # the 422s never reached a worker; the three good requests each waited in the queue once
+    assert added("qa_queue_wait_seconds_count") == 3
+    assert added("qa_queue_wait_seconds_bucket", le="+Inf") == 3
+    assert added("qa_batch_requests_sum") == 3  # sent one after another: batches of one
+    assert added("qa_batch_requests_bucket", le="1.0") == 3
+    durations = "qa_http_request_duration_seconds"
+    assert added(f"{durations}_count", route="/predict") == 5
+    assert added(f"{durations}_bucket", route="/predict", le="+Inf") == 5
+    assert added(f"{durations}_sum", route="/predict") > 0
+    workers = after[("qa_workers", ())]
+    assert after[("qa_workers_answering", ())] == workers >= 1
+    precision = resolve_precision("auto", "cpu")
+    labels = (("backend", "torch"), ("model", str(tiny_model_dir)), ("precision", precision))
+    assert after[("qa_model_info", labels)] == 1
+
+
+def test_request_ids_are_taken_or_made_and_sent_back(server) -> None:
+    good = {"question": QUESTIONS[0], "context": CONTEXT}
+    sent = post(server, good, headers={"X-Request-ID": "trace-42.a"})
+    assert sent.headers["x-request-id"] == "trace-42.a"
+    bad = post(server, {"question": ""}, headers={"X-Request-ID": "x" * 200})
+    made = [bad.headers["x-request-id"], post(server, good).headers["x-request-id"]]
+    assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in made) and made[0] != made[1]
+
+
+def test_liveness_beside_readiness(server) -> None:
+    response = httpx.get(f"{server.url}/livez", headers={"Host": "probe.internal"})
+    assert (response.status_code, response.text) == (200, "ok")
+
+
+def test_ids_are_echoed_exactly(server) -> None:
+    for qid in ["q-1", "Zoë 🙂", 0, -7, 2**70, None]:
+        body = post(server, {"question": QUESTIONS[0], "context": CONTEXT, "id": qid}).json()
+        assert body["id"] == qid
 
 
 def test_every_problem_of_a_body_is_named(server) -> None:

@@ -4,6 +4,7 @@ exit 0. The model is held up by stopping its inference worker (SIGSTOP) for a wh
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -27,6 +28,7 @@ def locked(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
         "serve.timeout=2",
         "serve.max_batch_size=4",
         "serve.workers_per_device=1",  # the one worker these tests stop
+        "serve.access_log=json",
         env={"LIT_SERVER_API_KEY": KEY},
     )
     process.wait_ready()
@@ -34,8 +36,8 @@ def locked(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     process.stop()
 
 
-def post(server, body=BODY, key: str | None = KEY) -> httpx.Response:
-    headers = {"X-API-Key": key} if key is not None else {}
+def post(server, body=BODY, key: str | None = KEY, headers=None) -> httpx.Response:
+    headers = {**({"X-API-Key": key} if key is not None else {}), **(headers or {})}
     return httpx.post(f"{server.url}/predict", json=body, headers=headers, timeout=60)
 
 
@@ -53,6 +55,21 @@ def test_api_key(locked, answerer) -> None:
     response = post(locked)
     assert response.status_code == 200
     assert_same_answers(response.json()["answers"], expected(answerer, **BODY))
+
+
+def test_metrics_need_the_key_and_the_access_log_is_json(locked) -> None:
+    assert httpx.get(f"{locked.url}/metrics").status_code == 401
+    scraped = httpx.get(f"{locked.url}/metrics", headers={"X-API-Key": KEY})
+    assert scraped.status_code == 200 and "qa_http_requests_total" in scraped.text
+    assert httpx.get(f"{locked.url}/livez").status_code == 200  # open, as /health
+    response = post(locked, headers={"X-Request-ID": "req-7"})
+    assert response.status_code == 200
+    lines = [json.loads(line) for line in locked.log().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line["request_id"] == "req-7"]
+    assert len(mine) == 1 and mine[0]["path"] == "/predict" and mine[0]["status"] == 200
+    assert mine[0]["method"] == "POST" and mine[0]["duration_ms"] > 0
+    assert {line["status"] for line in lines if line["path"] == "/metrics"} == {200, 401}
+    assert '"POST /predict HTTP/1.1"' not in locked.log()  # not uvicorn's text lines too
 
 
 def test_request_past_its_time_gets_504(locked) -> None:

@@ -4,6 +4,7 @@ config checks and the entry point's errors."""
 from __future__ import annotations
 
 import re
+import socket
 import time
 from queue import Queue
 
@@ -129,12 +130,55 @@ def test_a_request_the_model_fails_on_does_not_fail_its_batch() -> None:
         ("max_top_k", True),
         ("workers_per_device", 0),
         ("workers_per_device", "two"),
+        ("drain_timeout", 29.0),
+        ("drain_timeout", "long"),
     ],
 )
 def test_serve_settings_checked(key, value) -> None:
     with pytest.raises(ConfigError, match=rf"serve\.{key}="):
         server.ServeSettings(**{key: value})
     assert server.ServeSettings(workers_per_device="auto").problems() == []
+
+
+@pytest.mark.parametrize("key", ["", "clé-secrète", "two words", "tab\tkey"])
+def test_an_api_key_that_cannot_match_is_refused_without_showing_it(key) -> None:
+    """Empty (LIT_SERVER_API_KEY= would turn the key off while /info said one is set), or not
+    sendable in a latin-1 header as it is (non-ASCII, spaces)."""
+    with pytest.raises(ConfigError, match=r"serve\.api_key=\.\.\.; must be a non-empty") as error:
+        server.ServeSettings(api_key=key)
+    assert key == "" or key not in str(error.value)
+    assert server.ServeSettings(api_key="s3cret-Key_!~").problems() == []
+
+
+@pytest.mark.parametrize("threads", [-1, 0, 1.5, True])
+def test_threads_checked(threads) -> None:
+    with pytest.raises(ConfigError, match=rf"threads={threads!r}; must be an integer > 0"):
+        server.ModelSource(backend="torch", threads=threads)
+    assert server.ModelSource(backend="torch", threads=2).threads == 2
+
+
+def test_drain_window_is_at_least_the_request_timeout(tmp_path) -> None:
+    source = server.ModelSource(backend="torch", device="cpu", model_dir=str(tmp_path))
+    for settings, drain in [
+        (server.ServeSettings(timeout=45.0), 45.0),
+        (server.ServeSettings(timeout=5.0, drain_timeout=60.0), 60.0),
+    ]:
+        assert server.build_server(source, settings, {}).uvicorn_graceful_timeout == drain
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "devices"),
+    [("cuda:1", 2, ("cuda", [1])), ("cuda", 2, ("cuda", 1)), ("cuda:0", 1, ("cuda", [0]))],
+)
+def test_the_device_index_is_served(monkeypatch, device, gpus, devices) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert server._devices(server.ModelSource(backend="torch", device=device)) == devices
+    assert server._devices(server.ModelSource(backend="onnx", device=device)) == ("cpu", 1)
+    with pytest.raises(ConfigError, match=rf"device='cuda:{gpus}' but this machine has {gpus}"):
+        server._devices(server.ModelSource(backend="torch", device=f"cuda:{gpus}"))
 
 
 @pytest.mark.parametrize(
@@ -145,6 +189,7 @@ def test_serve_settings_checked(key, value) -> None:
         (["model_dir=/nonexistent/dir"], "model_dir='/nonexistent/dir' is not a directory"),
         (["model_dir=x", "serve.host=localhost"], "serve.host='localhost'"),
         (["model_dir=x", "serve.batch_timeout=40"], "serve.batch_timeout=40"),
+        (["model_dir=x", "serve.drain_timeout=10"], "serve.drain_timeout=10"),
     ],
 )
 def test_serve_config_checked_before_serving(compose_train, overrides, message) -> None:
@@ -154,11 +199,118 @@ def test_serve_config_checked_before_serving(compose_train, overrides, message) 
         serve(compose_train(overrides, config_name="serve"))
 
 
-def test_serve_error_is_one_paragraph_exit_2() -> None:
-    result = run_cli("qa_lightning.serve", "hydra.run.dir=/tmp/qa_serve_errors")
+def test_threads_checked_before_the_model_loads(compose_train, tiny_model_dir) -> None:
+    from qa_lightning.serve import serve
+
+    cfg = compose_train([f"model_dir={tiny_model_dir}", "threads=-1"], config_name="serve")
+    with pytest.raises(ConfigError, match=re.escape("threads=-1; must be an integer > 0")):
+        serve(cfg)
+
+
+def test_serve_error_is_one_paragraph_exit_2(tmp_path) -> None:
+    result = run_cli("qa_lightning.serve", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "give exactly one of model_dir=PATH" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "answering with" not in result.stdout
+
+
+def test_a_busy_port_is_named_before_the_model_loads(tmp_path, tiny_model_dir) -> None:
+    """The port in use: exit 2 naming serve.port, before the model is loaded."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(
+            "qa_lightning.serve",
+            f"model_dir={tiny_model_dir}",
+            f"serve.port={port}",
+            f"hydra.run.dir={tmp_path}/run",
+        )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"serve.port={port} cannot be used on 127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr and "answering with" not in result.stdout
+
+
+def test_every_error_is_json(tmp_path) -> None:
+    """An unexpected exception is a JSON 500, and /health's 503 while the workers load is JSON
+    (Starlette's and LitServe's are plain text)."""
+    from fastapi.testclient import TestClient
+
+    source = server.ModelSource(backend="torch", device="cpu", model_dir=str(tmp_path))
+    app = server.build_server(source, server.ServeSettings(), {}).app
+
+    async def fails() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/fails", fails)
+    client = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+    response = client.get("/fails")
+    assert response.status_code == 500
+    assert response.json() == {
+        "detail": "the server failed on this request (RuntimeError); see its log"
+    }
+    response = client.get("/health")
+    assert response.status_code == 503 and "workers are loading" in response.json()["detail"]
+    for path, status in [("/nope", 404), ("/predict", 405)]:
+        response = client.get(path)
+        assert response.status_code == status and response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        ("127.0.0.1:8000", "127.0.0.1"),
+        ("LocalHost", "localhost"),
+        ("[::1]:80", "[::1]"),
+        ("example.com.:8000", "example.com"),
+        ("", ""),
+    ],
+)
+def test_host_name(header, name) -> None:
+    assert server.host_name(header) == name
+
+
+def test_allowed_hosts_by_default() -> None:
+    assert server.ServeSettings().hosts() == ("127.0.0.1", "localhost", "[::1]")
+    assert server.ServeSettings(host="0.0.0.0", api_key="k").hosts() == ("*",)
+    open_to_all = server.ServeSettings(host="::").hosts()
+    assert "*" not in open_to_all and socket.gethostname().lower() in open_to_all
+    assert server.ServeSettings(allowed_hosts=["QA.example.", "*"]).hosts() == ("qa.example", "*")
+    for bad in ([], [""], "qa.example", ["a b"]):
+        with pytest.raises(ConfigError, match=r"serve\.allowed_hosts="):
+            server.ServeSettings(allowed_hosts=bad)
+
+
+def test_openapi_pages_are_off_with_a_key(tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    source = server.ModelSource(backend="torch", device="cpu", model_dir=str(tmp_path))
+    for key, status in [(None, 200), ("k", 404)]:
+        app = server.build_server(source, server.ServeSettings(api_key=key), {}).app
+        client = TestClient(app, base_url="http://127.0.0.1")
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == status, (key, path)
+
+
+def test_shared_histogram_adds_up_the_workers_rows() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from qa_lightning.serving.metrics import SharedHistogram
+
+    histogram = SharedHistogram("qa_test_seconds", "a test", (0.1, 1.0), workers=2)
+    for worker, value in [(0, 0.05), (1, 0.5), (1, 0.1), (0, 3.0)]:
+        histogram.observe(worker, value)
+    registry = CollectorRegistry()
+    registry.register(histogram)
+    text = generate_latest(registry).decode()
+    for line in [
+        'qa_test_seconds_bucket{le="0.1"} 2.0',  # 0.05 and 0.1 (le: less or equal)
+        'qa_test_seconds_bucket{le="1.0"} 3.0',
+        'qa_test_seconds_bucket{le="+Inf"} 4.0',
+        "qa_test_seconds_count 4.0",
+        "qa_test_seconds_sum 3.65",
+    ]:
+        assert line in text, text
 
 
 def test_equal_length_setting_rebuilds_the_answerer_batching(tokenizer) -> None:

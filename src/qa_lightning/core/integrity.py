@@ -104,16 +104,18 @@ def free_space(directory: Path) -> str:
 
 
 def disk_full_error(
-    path: Path, error: BaseException, advice: str = "", what: str = ""
+    path: Path, error: BaseException, advice: str = "", what: str = "", kept: str | None = None
 ) -> ResourceError:
     """A full disk while writing ``path`` (``what``: e.g. ``"the window cache entry"``): the free
-    space, what was kept, how to make room."""
+    space, what was kept (``kept``; by default whether a previous ``path`` is intact), how to
+    make room."""
     path = Path(path)
-    kept = (
-        f"the previous '{path.name}' is kept intact"
-        if path.exists()
-        else f"no partial '{path.name}' was left"
-    )
+    if kept is None:
+        kept = (
+            f"the previous '{path.name}' is kept intact"
+            if path.exists()
+            else f"no partial '{path.name}' was left"
+        )
     cause = disk_full_cause(error) or error
     return ResourceError(
         f"no space left on the disk of '{path.parent}' ({free_space(path.parent)}) while writing "
@@ -124,14 +126,20 @@ def disk_full_error(
 
 
 @contextmanager
-def writing(path: str | Path, what: str = "", advice: str = "") -> Iterator[None]:
+def writing(
+    path: str | Path,
+    what: str = "",
+    advice: str | Callable[[], str] = "",
+    kept: Callable[[], str] | None = None,
+) -> Iterator[None]:
     """A full disk inside the block (see :func:`is_disk_full`: also one that a library raised as
     another error type, or chained) becomes :func:`disk_full_error` for ``path``; other errors,
     and a :class:`ResourceError` raised inside, propagate unchanged.
 
-    The block is expected to write ``path`` whole or not at all (:func:`write_atomic`,
-    :func:`staged_directory`), so that the message can say the previous file is kept or no
-    partial one was left.
+    By default the block is expected to write ``path`` whole or not at all
+    (:func:`write_atomic`, :func:`staged_directory`), so that the message can say the previous
+    file is kept or no partial one was left; a block that appends to files in ``path`` (a run's
+    logs) says what is kept with ``kept()``. ``advice`` may be worked out after the failure.
     """
     try:
         yield
@@ -140,7 +148,13 @@ def writing(path: str | Path, what: str = "", advice: str = "") -> Iterator[None
     except Exception as error:
         if not is_disk_full(error):
             raise
-        raise disk_full_error(Path(path), error, advice, what) from error
+        raise disk_full_error(
+            Path(path),
+            error,
+            advice() if callable(advice) else advice,
+            what,
+            kept() if kept else None,
+        ) from error
 
 
 # -- directories -------------------------------------------------------------------------------

@@ -80,8 +80,8 @@ class OnnxLogits:
             import onnxruntime
         except ImportError as error:
             raise ConfigError(
-                "the ONNX backend needs onnxruntime: pip install 'qa-lightning[export]' "
-                "(or use backend=torch with model_dir=PATH)."
+                "onnx_path needs onnxruntime: pip install 'qa-lightning[export]' (or answer "
+                "with PyTorch: model_dir=PATH or ckpt_path=PATH)."
             ) from error
         try:
             options = onnxruntime.SessionOptions()

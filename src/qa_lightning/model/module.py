@@ -44,10 +44,13 @@ def load_qa_model(
     from_scratch: bool = False,
     config_overrides: dict | None = None,
     keep_layers: list[int] | None = None,
+    trained_head: bool = False,
 ) -> torch.nn.Module:
     """A pretrained QA model, or with ``from_scratch`` a randomly initialised one whose config is
     ``name_or_path``'s updated with ``config_overrides`` (e.g. a 2-layer model for tests); with
-    ``keep_layers`` only those transformer layers of it (a student, see :mod:`.layers`).
+    ``keep_layers`` only those transformer layers of it (a student, see :mod:`.layers`). With
+    ``trained_head`` (a model to answer with), weights that ``name_or_path`` lacks, such as the
+    QA head of a base encoder, are a :class:`ConfigError` instead of random values.
 
     Weights are fp32 whatever the checkpoint stores or the config's ``dtype`` says (transformers
     5 builds and loads in that dtype, common on the hub as float16/bfloat16): mixed precision
@@ -65,11 +68,22 @@ def load_qa_model(
             config = AutoConfig.from_pretrained(name_or_path, **overrides)
             model = AutoModelForQuestionAnswering.from_config(config, dtype=torch.float32)
         else:
-            model = AutoModelForQuestionAnswering.from_pretrained(
-                name_or_path, dtype=torch.float32, **overrides
+            model, loading = AutoModelForQuestionAnswering.from_pretrained(
+                name_or_path, dtype=torch.float32, output_loading_info=True, **overrides
             )
+            if trained_head and loading["missing_keys"]:
+                missing = ", ".join(sorted(loading["missing_keys"]))
+                raise ConfigError(
+                    f"'{name_or_path}' is not a question-answering model: it lacks {missing}, "
+                    "which would answer with random weights (a base encoder, such as the demo "
+                    "model's package, has no QA head). Fine-tune it first: python -m "
+                    f"qa_lightning.train model.name_or_path={name_or_path} ..., then answer with "
+                    "the run's hf_model/."
+                )
         model.float()
         model.config.dtype = torch.float32
+    except ConfigError:
+        raise
     except Exception as error:  # hub, file and config errors come in many types
         text = str(error).strip().splitlines()
         raise ConfigError(

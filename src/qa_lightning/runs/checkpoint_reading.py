@@ -171,6 +171,25 @@ def read_checkpoint(ckpt_path: str | Path, trust: bool = False) -> dict[str, Any
     return load_checkpoint_file(ckpt_path, trust)[0]
 
 
+def check_resumable(checkpoint: dict[str, Any], ckpt_path: str | Path, key: str) -> None:
+    """Training continues only from a checkpoint with the optimizer's state (``last.ckpt``);
+    a best checkpoint holds the weights only (``save_weights_only``): a :class:`ConfigError`
+    that says which to use instead (Lightning's own is a ``KeyError`` deep in ``fit``)."""
+    if "optimizer_states" in checkpoint:
+        return
+    path = Path(ckpt_path)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else "<run dir>"
+    raise ConfigError(
+        f"cannot continue training from '{ckpt_path}' ({key}): it holds the model's weights "
+        "only (a best-*.ckpt: no optimizer, schedule or loop state). Continue the run from "
+        f"its last checkpoint (resume=true hydra.run.dir={run_dir}, or "
+        f"ckpt_path={run_dir}/checkpoints/last.ckpt), or start a new run from these weights: "
+        f"model.name_or_path={run_dir}/hf_model model.from_scratch=false (the run's export of "
+        f"its best checkpoint; python -m qa_lightning.export ckpt_path={ckpt_path} format=hf "
+        "writes one)."
+    )
+
+
 def checkpoint_model_config(checkpoint: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:
     """``name_or_path`` and ``config_overrides`` of the checkpoint's ``QAModule``: the config
     that builds its architecture. A student (``keep_layers``) is ``name_or_path``'s config with
@@ -260,8 +279,8 @@ def checkpoint_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
         value = data.get(field.name)
         if value is None:
             value = hparams.get(field.name)
-        if value is not None:
-            settings[field.name] = value
+        if value is not None:  # an earlier version may hold NumPy scalars
+            settings[field.name] = plain(value)
     return settings
 
 
@@ -333,5 +352,7 @@ def load_model_dir(model_dir: str | Path) -> Exported:
     tokenizer = load_tokenizer(str(model_dir))
     check_tokenizer_fits(tokenizer, model_dir, model_vocab_size(str(model_dir)), model_dir)
     return Exported(
-        load_qa_model(str(model_dir)).eval(), tokenizer, InferenceSettings.from_dir(model_dir)
+        load_qa_model(str(model_dir), trained_head=True).eval(),
+        tokenizer,
+        InferenceSettings.from_dir(model_dir),
     )

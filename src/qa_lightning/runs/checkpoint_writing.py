@@ -82,7 +82,8 @@ class LastCheckpoint(ModelCheckpoint):
     again).
 
     Never during validation, nor after the last batch of an epoch before the epoch ends: resumed
-    from there, Lightning would score a partial epoch, or skip the epoch's validation.
+    from there, Lightning would score a partial epoch, or skip the epoch's validation. Never under
+    ``trainer.fast_dev_run`` (``debug=fdr``), as Lightning's checkpoints.
     """
 
     def __init__(
@@ -115,6 +116,12 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's own saves last.ckpt here also under fast_dev_run (no other save does);
+        # every epoch end saved it already
+        if not self._should_skip_saving_checkpoint(trainer):
+            super().on_train_end(trainer, pl_module)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

@@ -5,6 +5,7 @@ artefacts (MLflow, W&B). Configured in ``conf/callbacks/`` and ``conf/debug/``."
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from qa_lightning.answers.settings import InferenceSettings
@@ -29,41 +31,145 @@ log = logging.getLogger(__name__)
 
 
 def early_stopping(patience: int | None = None, **settings: Any) -> EarlyStopping | None:
-    """Lightning's :class:`EarlyStopping` (``settings``: monitor, mode, min_delta ...), or
-    ``None`` (no early stopping) while ``patience`` is ``None``."""
+    """Lightning's :class:`EarlyStopping` that says when it stops the run
+    (:class:`LoggedEarlyStopping`; ``settings``: monitor, mode, min_delta ...), or ``None`` (no
+    early stopping) while ``patience`` is ``None``."""
     if patience is None:
         return None
-    return EarlyStopping(patience=patience, **settings)
+    return LoggedEarlyStopping(patience=patience, **settings)
+
+
+class LoggedEarlyStopping(EarlyStopping):
+    """Lightning's :class:`EarlyStopping`, with one log line when it has stopped the run (the
+    epoch, the monitored value, its best, the patience) as training ends; ``train`` writes
+    :func:`early_stopping_summary` to ``metrics.json``."""
+
+    @property
+    def state_key(self) -> str:
+        """Lightning's own key, so that a checkpoint of its ``EarlyStopping`` resumes here."""
+        return "EarlyStopping" + super().state_key.removeprefix(type(self).__qualname__)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        summary = early_stopping_summary(self, trainer)
+        if summary and summary["stopped"] and trainer.is_global_zero:
+            log.info("%s", early_stopping_message(self, summary, trainer.max_epochs))
+
+
+def early_stopping_summary(
+    callback: EarlyStopping | None, trainer: L.Trainer
+) -> dict[str, Any] | None:
+    """What early stopping did, for ``metrics.json``: ``None`` while it is off, else whether it
+    stopped the run, at which epoch (counted from 0, as the progress bar counts) and why
+    (``patience_exhausted`` ...), the monitored value of the last validation, the best value,
+    the patience, ``min_delta`` and the validations since the best (``wait_count``). Any
+    :class:`EarlyStopping` (Lightning's own too)."""
+    if callback is None:
+        return None
+    stopped = callback.stopping_reason is not EarlyStoppingReason.NOT_STOPPED
+    return {
+        "stopped": stopped,
+        "epoch": callback.stopped_epoch if stopped else None,
+        "reason": callback.stopping_reason.name.lower() if stopped else None,
+        "monitor": callback.monitor,
+        "value": _finite(trainer.callback_metrics.get(callback.monitor)),
+        "best": _finite(callback.best_score),
+        "patience": callback.patience,
+        "min_delta": abs(callback.min_delta),
+        "wait_count": callback.wait_count,
+    }
+
+
+def early_stopping_message(
+    callback: EarlyStopping, summary: dict[str, Any], max_epochs: int | None
+) -> str:
+    """The line saying that (and why) early stopping stopped the run."""
+    value, best = (_fmt(summary[key]) for key in ("value", "best"))
+    monitor, waited = summary["monitor"], summary["wait_count"]
+    patience = f"patience {summary['patience']}"
+    if summary["min_delta"]:
+        patience += f", min_delta {summary['min_delta']:g}"
+    reason = callback.stopping_reason
+    if reason is EarlyStoppingReason.PATIENCE_EXHAUSTED:
+        why = (
+            f"{monitor} {value} did not improve on its best {best} for {waited} "
+            f"validation{'s' if waited != 1 else ''} ({patience})"
+        )
+    elif reason is EarlyStoppingReason.STOPPING_THRESHOLD:
+        why = f"{monitor} {value} reached stopping_threshold={callback.stopping_threshold}"
+    elif reason is EarlyStoppingReason.DIVERGENCE_THRESHOLD:
+        why = f"{monitor} {value} passed divergence_threshold={callback.divergence_threshold}"
+    else:
+        why = f"{monitor} {value} is not finite"
+    if reason is not EarlyStoppingReason.PATIENCE_EXHAUSTED:
+        why += f" (best {best}, {patience})"
+    epoch = summary["epoch"]
+    ran = f"; {epoch + 1} of trainer.max_epochs={max_epochs} epochs ran"
+    if not max_epochs or max_epochs < 0:  # no limit
+        ran = f"; {epoch + 1} epochs ran"
+    return f"early stopping at epoch {epoch}: {why}{ran}"
+
+
+def _finite(value: Any) -> float | None:
+    """A metric as a JSON number: ``None`` when absent or not finite."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _fmt(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.4g}"
 
 
 class OverfitCheck(Callback):
     """``debug=overfit``: trains on the same ``trainer.overfit_batches`` batches every epoch (the
-    training order is otherwise reshuffled each epoch) and fails the run unless the last epoch's
-    mean ``train/loss`` is below ``max_loss``: a model that cannot fit two batches has a bug."""
+    training order is otherwise reshuffled each epoch), without dropout unless ``dropout`` (its
+    noise on so few windows hides how well they are fit), stops at the end of the first epoch
+    whose mean ``train/loss`` is below ``max_loss`` (with ``stop``; else trains every epoch),
+    and fails the run unless the last epoch's is below it: a model that cannot fit two batches
+    has a bug."""
 
-    def __init__(self, max_loss: float) -> None:
+    def __init__(self, max_loss: float, stop: bool = True, dropout: bool = False) -> None:
         self.max_loss = max_loss
+        self.stop = stop
+        self.dropout = dropout
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.dropout:
+            for module in pl_module.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         sampler = getattr(getattr(trainer.train_dataloader, "batch_sampler", None), "sampler", None)
         if trainer.overfit_batches and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(0)  # after Lightning's set_epoch, before the first batch is drawn
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train/loss_epoch")
+        if self.stop and loss is not None:
+            fits = trainer.strategy.reduce_boolean_decision(float(loss) < self.max_loss, all=True)
+            trainer.should_stop = trainer.should_stop or fits
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loss = trainer.callback_metrics.get("train/loss_epoch")
         if loss is None:
             return
         loss = float(loss)
-        batches = trainer.overfit_batches
+        batches, epochs = trainer.overfit_batches, trainer.current_epoch
         if not loss < self.max_loss:
             raise TrainingError(
                 f"the model did not fit {batches} training batches: its mean train/loss after "
-                f"{trainer.current_epoch} epochs is {loss:.4f}, not below "
+                f"{epochs} epochs is {loss:.4f}, not below "
                 f"callbacks.overfit_check.max_loss={self.max_loss}. Check the labels and the "
                 "loss, raise model.lr or trainer.max_epochs, or lower the bound."
             )
         log.info(
-            "overfit check passed: train/loss %.4f < %s on %s batches", loss, self.max_loss, batches
+            "overfit check passed: train/loss %.4f < %s on %s batches after %d epochs",
+            loss,
+            self.max_loss,
+            batches,
+            epochs,
         )
 
 

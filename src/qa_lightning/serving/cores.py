@@ -8,13 +8,15 @@ alone uses every core (an idle server answers a lone request as fast as one proc
 oversubscribed for longer than one pass (oversubscribed OpenMP and onnxruntime thread pools spin
 against each other). A counter in shared memory, created before the workers are spawned, says
 how many answer at the moment, and also which worker takes the next request (see
-:meth:`CoreShare.wait_turn`).
+:meth:`CoreShare.wait_turn`); it takes no lock, so that a worker stopped or killed at any moment
+holds up no other process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -41,59 +43,91 @@ def auto_workers(accelerator: str, cores: int) -> int:
 
 class CoreShare:
     """``cores`` shared among ``workers`` processes: :meth:`claim` around each batch counts a
-    worker as answering, :meth:`threads_now` gives a forward pass its threads."""
+    worker as answering, :meth:`threads_now` gives a forward pass its threads.
+
+    Nothing here takes a lock or waits for another process: a worker that is stopped or killed
+    (the OOM killer) at any moment must not hold up the others, nor the API process that calls
+    :meth:`arrived` on each request. Each count has a single writer (a worker's busy flag and
+    its count of requests taken: that worker; the requests queued: the one API process), and a
+    waiting worker is woken by a semaphore, whose release never blocks."""
 
     def __init__(self, cores: int, workers: int) -> None:
         self.cores = cores
         self.workers = workers
         # spawn-context objects: LitServe spawns its workers and pickles this with the API
         context = multiprocessing.get_context("spawn")
-        self.busy = context.Value("i", 0)
-        #: requests in the queue, counted by :class:`CountedQueue`
-        self.waiting = context.Value("i", 0, lock=False)
-        self.changed = context.Condition(self.busy.get_lock())
+        #: 1 while worker k answers a batch
+        self.busy_flags = context.RawArray("i", workers)
+        #: requests put on the queue (by :class:`CountedQueue` in the API process)
+        self.arrivals = context.RawValue("q", 0)
+        #: requests worker k took from the queue
+        self.taken_by = context.RawArray("q", workers)
+        #: released to wake worker k > 0 when it may be its turn (see :meth:`wait_turn`)
+        self.wakes = [context.Semaphore(0) for _ in range(workers)]
+
+    @property
+    def busy(self) -> int:
+        """Workers answering now."""
+        return sum(self.busy_flags)
+
+    @property
+    def waiting(self) -> int:
+        """Requests in the queue."""
+        return self.arrivals.value - sum(self.taken_by)
 
     def thread_counts(self) -> list[int]:
         """Every thread count a batch may be given, most first."""
         counts = {threads_for(self.cores, busy) for busy in range(1, self.workers + 1)}
         return sorted(counts, reverse=True)
 
+    def started(self, worker: int) -> None:
+        """Worker ``worker`` (re)started: it answers nothing (a killed one may have been)."""
+        self.busy_flags[worker] = 0
+        while self.wakes[worker].acquire(False):
+            pass
+
     def wait_turn(self, worker: int, timeout: float) -> bool:
         """Wait (up to ``timeout`` s, without polling) until a request waits while at least
         ``worker`` others answer: worker 0 takes every request that finds the server idle,
         worker 1 only those that arrive while worker 0 is busy, and so on. A lone request so
         meets no other worker's activity. ``True`` when it is ``worker``'s turn."""
-        with self.changed:
-            return self.changed.wait_for(
-                lambda: self.busy.value >= worker and self.waiting.value > 0, timeout
-            )
+        deadline = time.monotonic() + timeout
+        while not (self.busy >= worker and self.waiting > 0):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.wakes[worker].acquire(timeout=remaining):
+                return self.busy >= worker and self.waiting > 0
+            while self.wakes[worker].acquire(False):  # one look serves every wake so far
+                pass
+        return True
+
+    def _wake(self) -> None:
+        """Wake the workers whose turn it may be now (a release never blocks)."""
+        for worker in range(1, min(self.busy, self.workers - 1) + 1):
+            self.wakes[worker].release()
 
     def arrived(self) -> None:
-        """A request was queued (:class:`CountedQueue`)."""
-        with self.changed:
-            self.waiting.value += 1
-            self.changed.notify_all()
+        """A request was queued (:class:`CountedQueue`, in the API process)."""
+        self.arrivals.value += 1
+        self._wake()
 
-    def taken(self) -> None:
-        """A worker took a request from the queue."""
-        with self.changed:
-            self.waiting.value -= 1
+    def taken(self, worker: int) -> None:
+        """Worker ``worker`` took a request from the queue."""
+        self.taken_by[worker] += 1
 
     def threads_now(self) -> int:
         """The threads of a pass that starts now."""
-        return threads_for(self.cores, self.busy.value)
+        return threads_for(self.cores, self.busy)
 
     @contextlib.contextmanager
-    def claim(self) -> Iterator[None]:
-        """Count this worker as answering while the block runs."""
-        with self.changed:
-            self.busy.value += 1
-            self.changed.notify_all()
+    def claim(self, worker: int) -> Iterator[None]:
+        """Count worker ``worker`` as answering while the block runs."""
+        self.busy_flags[worker] = 1
+        if self.waiting > 0:
+            self._wake()
         try:
             yield
         finally:
-            with self.changed:
-                self.busy.value -= 1
+            self.busy_flags[worker] = 0
 
 
 class SharedLogits:
@@ -112,11 +146,13 @@ class SharedLogits:
 
 class CountedQueue:
     """A worker queue (LitServe's request queue) that counts the requests waiting in it in a
-    :class:`CoreShare`, so that a worker waiting for its turn wakes when one arrives."""
+    :class:`CoreShare`, so that a worker waiting for its turn wakes when one arrives. Its
+    ``worker`` is the index of the worker that takes from it (set in each worker)."""
 
     def __init__(self, queue: Any, share: CoreShare) -> None:
         self.queue = queue
         self.share = share
+        self.worker = 0
 
     def put(self, item: Any, *args: Any, **kwargs: Any) -> None:
         self.queue.put(item, *args, **kwargs)
@@ -127,7 +163,7 @@ class CountedQueue:
 
     def get(self, *args: Any, **kwargs: Any) -> Any:
         item = self.queue.get(*args, **kwargs)
-        self.share.taken()
+        self.share.taken(self.worker)
         return item
 
     def get_nowait(self) -> Any:

@@ -16,27 +16,35 @@ No ``from __future__ import annotations`` here: LitServe reads the request model
 :meth:`QuestionAnsweringAPI.decode_request`'s annotation at run time.
 """
 
+import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
 import secrets
 import signal
 import socket
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from pathlib import Path
 from queue import Empty
 from typing import Any, ClassVar
 
 import litserve as ls
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from litserve.callbacks.base import EventTypes
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
+from litserve.server import RegularRequestHandler
+from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qa_lightning.answers.ranking import Answer
@@ -44,6 +52,7 @@ from qa_lightning.core.errors import ConfigError
 from qa_lightning.model.logits import TorchLogits, resolve_device, resolve_precision
 from qa_lightning.serving.answerer import QuestionAnswerer
 from qa_lightning.serving.cores import CoreShare, CountedQueue, SharedLogits, auto_workers
+from qa_lightning.serving.metrics import ACCESS_LOGS, Observed, ServerMetrics, WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +60,18 @@ log = logging.getLogger(__name__)
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 #: Paths that answer without the API key: the page (it holds no data; it sends the key its user
 #: types) and the health check (for load balancers and probes).
-OPEN_PATHS = ("/", "/health")
+OPEN_PATHS = ("/", "/health", "/livez")
+#: Paths that answer whatever the ``Host`` header (probes of load balancers name the address
+#: they reach; what they read is no secret).
+ANY_HOST_PATHS = ("/health", "/livez")
+#: ``serve.allowed_hosts`` of a server on the loopback address: the names of that address.
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 API_KEY_HEADER = "X-API-Key"
 #: pydantic error types of :class:`AnswerRequest` that make a request too large (413), not
 #: malformed (422).
 TOO_LARGE = {"context_too_long"}
+#: pydantic error types raised by :class:`AnswerRequest`'s checks, whose messages are sentences
+OUR_ERRORS = {"blank", "context_too_long", "top_k_range", "id_type", "not_unicode"}
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -79,6 +95,7 @@ class AnswerRequest(BaseModel):
     @classmethod
     def _text(cls, value: str, info: Any) -> str:
         name = info.field_name
+        _check_unicode(name, value)
         if not value.strip():
             what = "empty" if not value else "only whitespace"
             raise PydanticCustomError("blank", f"the {name} is {what}; give a non-empty {name}")
@@ -90,6 +107,19 @@ class AnswerRequest(BaseModel):
             )
         return value
 
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: Any) -> Any:
+        """Echoed as sent: a string, an integer or null (JSON can carry them back unchanged)."""
+        if value is not None and not isinstance(value, str) and not _is_int(value):
+            raise PydanticCustomError(
+                "id_type",
+                f"id must be a string, an integer or null, not {json_type(value)}",
+            )
+        if isinstance(value, str):
+            _check_unicode("id", value)
+        return value
+
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, value: int | None) -> int | None:
@@ -99,6 +129,19 @@ class AnswerRequest(BaseModel):
                 f"top_k={value} is out of range; give an integer from 1 to {cls.max_top_k}",
             )
         return value
+
+
+def _check_unicode(name: str, value: str) -> None:
+    """Text the tokenizer (and a JSON response) can encode: UTF-8, so no lone surrogate (JSON
+    lets a body send ``"\\ud800"``, which decodes to one)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PydanticCustomError(
+            "not_unicode",
+            f"the {name} is not valid Unicode text (a lone surrogate "
+            f"\\u{ord(value[error.start]):04x} at character {error.start}); send UTF-8 text",
+        ) from None
 
 
 def json_type(value: Any) -> str:
@@ -141,7 +184,7 @@ def problem_text(error: dict[str, Any]) -> str:
         return f"{name} must be {expected}, not {json_type(error.get('input'))}"
     if kind.startswith("int_"):
         return f"top_k must be an integer from 1 to {AnswerRequest.max_top_k}"
-    return message if kind in ("blank", "context_too_long", "top_k_range") else f"{name}: {message}"
+    return message if kind in OUR_ERRORS else f"{name}: {message}"
 
 
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -163,6 +206,77 @@ def http_error(messages: dict[int, str]) -> Any:
         )
 
     return handler
+
+
+async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    """A 500 as JSON (Starlette's is plain text); the traceback is logged by Starlette."""
+    return JSONResponse(
+        {"detail": f"the server failed on this request ({type(error).__name__}); see its log"},
+        status_code=500,
+    )
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose ``Content-Length`` is over ``max_bytes`` gets its 413
+    from the headers, before any of its body is read (LitServe's ``MaxSizeMiddleware``, behind
+    this, still counts the bytes of a body sent without a length)."""
+
+    def __init__(self, app: Any, max_bytes: int, detail: str) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.detail = detail
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = Headers(scope=scope).get("content-length", "")
+            if length.isdigit() and int(length) > self.max_bytes:
+                # the body is not read: the connection cannot carry another request
+                response = JSONResponse(
+                    {"detail": self.detail}, status_code=413, headers={"Connection": "close"}
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def host_name(header: str) -> str:
+    """The name of a ``Host`` header, lower case, without its port or a trailing dot
+    (``[::1]:8000`` -> ``[::1]``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[: header.find("]") + 1]
+    return (header.rpartition(":")[0] if ":" in header else header).rstrip(".")
+
+
+class HostCheck:
+    """ASGI middleware: a request whose ``Host`` header names none of ``allowed`` gets a 400
+    (a page of another site that reaches this server by DNS rebinding names its own host)."""
+
+    def __init__(self, app: Any, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.allowed = frozenset(allowed)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in ANY_HOST_PATHS:
+            name = host_name(Headers(scope=scope).get("host", ""))
+            if name not in self.allowed:
+                detail = (
+                    f"the Host header names {name or 'nothing'!r}, not a name of this server "
+                    f"(serve.allowed_hosts: {', '.join(sorted(self.allowed))}); call it by one "
+                    "of those, or add the name to serve.allowed_hosts."
+                )
+                await JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def machine_names() -> list[str]:
+    """This machine's host name, its fully qualified name and their addresses."""
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    with contextlib.suppress(OSError):
+        for *_, address in socket.getaddrinfo(socket.gethostname(), None):
+            names.add(f"[{address[0]}]" if ":" in address[0] else address[0])
+    return sorted(names)
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -189,6 +303,13 @@ class ModelSource:
     #: batch only windows of one length, unpadded (``None``: as ``predict``, on CPUs); ``False``
     #: pads windows of several lengths into one batch: fewer, larger forward passes
     equal_length: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and not (_is_int(self.threads) and self.threads > 0):
+            raise ConfigError(
+                f"invalid config: threads={self.threads!r}; must be an integer > 0, or null to "
+                "share the cores among the workers (see conf/serve.yaml)."
+            )
 
     def load(self, device: str = "cpu") -> QuestionAnswerer:
         """The answerer, on ``device`` (the PyTorch backends), with ``threads`` if given."""
@@ -268,14 +389,19 @@ class GreedyBatchingLoop(BatchedLoop):
     #: how long such a worker sleeps when its turn found the queue empty (another took it)
     helper_poll = 0.002
 
-    def __call__(self, lit_api: ls.LitAPI, device: str, worker_id: int, *args, **kwargs) -> None:
+    def __call__(
+        self, lit_api: ls.LitAPI, device: str, worker_id: int, request_queue: Any, *args, **kwargs
+    ) -> None:
         self.worker_id = worker_id
-        super().__call__(lit_api, device, worker_id, *args, **kwargs)
+        if isinstance(request_queue, CountedQueue):
+            request_queue.worker = worker_id  # this worker's copy counts what it takes
+        super().__call__(lit_api, device, worker_id, request_queue, *args, **kwargs)
 
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any):
         timed_out, payloads = [], []
         deadline = None
         cores = getattr(lit_api, "cores", None)
+        observed = getattr(lit_api, "observed", None)
         helper = cores is not None and self.worker_id > 0
         if helper:
             # its turn, or idle_wait passed (a look at the queue now and then, for a stop
@@ -299,6 +425,8 @@ class GreedyBatchingLoop(BatchedLoop):
             if request == _SENTINEL_VALUE:
                 raise _StopLoopError()
             queue_id, uid, submitted, body = request
+            if observed is not None:  # the clock is the machine's: the API process's too
+                observed.queue_wait.observe(self.worker_id, time.monotonic() - submitted)
             limit = lit_api.request_timeout
             if limit not in (None, False, -1) and time.monotonic() - submitted > limit:
                 timed_out.append((queue_id, uid))
@@ -308,7 +436,41 @@ class GreedyBatchingLoop(BatchedLoop):
                 deadline = time.monotonic() + lit_api.batch_timeout
         if helper and not payloads and not timed_out:
             time.sleep(self.helper_poll)
+        if observed is not None and payloads:
+            observed.batch_requests.observe(self.worker_id, len(payloads))
         return payloads, timed_out
+
+
+class WorkerPids:
+    """The process ids of the inference workers in shared memory: each worker writes its own
+    at set-up (one LitServe restarts, too), and the API process reads them to tell which run."""
+
+    def __init__(self, workers: int) -> None:
+        self.pids = multiprocessing.get_context("spawn").RawArray("i", workers)
+
+    def register(self, worker: int) -> None:
+        self.pids[worker] = os.getpid()
+
+    def running(self) -> list[bool]:
+        """Whether each worker's process runs (not killed, exited or stopped)."""
+        return [pid > 0 and process_runs(pid) for pid in self.pids]
+
+
+def process_runs(pid: int) -> bool:
+    """Whether process ``pid`` exists and is neither stopped (SIGSTOP) nor a zombie."""
+    if not Path("/proc/self/stat").exists():  # not Linux: whether it exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "TtZXx"  # the state, after "pid (name) "
 
 
 class QuestionAnsweringAPI(ls.LitAPI):
@@ -323,6 +485,7 @@ class QuestionAnsweringAPI(ls.LitAPI):
         batch_timeout: float = 0.0,
         api_key: str | None = None,
         cores: CoreShare | None = None,
+        pids: WorkerPids | None = None,
     ) -> None:
         super().__init__(
             max_batch_size=max_batch_size,
@@ -333,8 +496,21 @@ class QuestionAnsweringAPI(ls.LitAPI):
         self.source = source
         self.api_key = api_key or None
         self.cores = cores
+        self.pids = pids
+        #: what the workers measure for ``/metrics`` (set by :func:`build_server`)
+        self.observed: WorkerMetrics | None = None
+        #: LitServe's index of the worker this copy runs in (set in :meth:`setup`)
+        self.worker_id = 0
 
     def setup(self, device: str) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+        if self.pids is not None:
+            self.pids.register(self.worker_id)
+        if self.cores is not None:
+            self.cores.started(self.worker_id)
+        hf_logging.disable_progress_bar()  # the start-up check showed the model's loading once
         self.answerer = self.source.load(device)
         # described before sharing: SharedLogits hides the ONNX model's quantization
         log.info("answering on %s: %s", device, describe(self.answerer, self.source))
@@ -367,7 +543,7 @@ class QuestionAnsweringAPI(ls.LitAPI):
         """The answers of each request (or the exception that answering it alone raised: one
         request the model cannot answer does not fail the others of its batch)."""
         questions, contexts, top_ks, ids = (list(column) for column in zip(*requests, strict=True))
-        with self.cores.claim() if self.cores else contextlib.nullcontext():
+        with self.cores.claim(self.worker_id) if self.cores else contextlib.nullcontext():
             try:
                 found = self.answerer.answer(questions, contexts, max(top_ks))
             except Exception:
@@ -427,14 +603,37 @@ class ServeSettings:
     max_body_bytes: int = 1_000_000
     max_top_k: int = 20
     api_key: str | None = None
+    #: seconds SIGTERM waits for the requests in flight (``None``: ``timeout``)
+    drain_timeout: float | None = None
+    #: names the ``Host`` header may give (``"*"``: any; ``None``: see :meth:`hosts`)
+    allowed_hosts: list[str] | None = None
+    #: ``text`` (uvicorn's), ``json`` (one JSON line per request, with its id) or ``off``
+    access_log: str = "text"
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         for key, fix in self.problems():
+            shown = "..." if key == "api_key" else repr(getattr(self, key))  # never the key
             raise ConfigError(
-                f"invalid config: serve.{key}={getattr(self, key)!r}; must be {fix} "
-                "(see conf/serve.yaml)."
+                f"invalid config: serve.{key}={shown}; must be {fix} (see conf/serve.yaml)."
             )
+
+    def hosts(self) -> tuple[str, ...]:
+        """The names requests may give in their ``Host`` header (``("*",)``: any).
+        ``serve.allowed_hosts`` if set; else the loopback names on the loopback address; on
+        every interface, any with an API key, else the loopback names and this machine's."""
+        if self.allowed_hosts is not None:
+            return tuple(name.lower().rstrip(".") for name in self.allowed_hosts)
+        if self.host == "127.0.0.1":
+            return LOOPBACK_NAMES
+        if self.api_key is not None:
+            return ("*",)
+        return (*LOOPBACK_NAMES, *machine_names())
+
+    @property
+    def drain_s(self) -> float:
+        """Seconds SIGTERM waits for the requests in flight."""
+        return self.timeout if self.drain_timeout is None else self.drain_timeout
 
     def problems(self) -> list[tuple[str, str]]:
         """``(key, what it must be)`` of each setting out of its range."""
@@ -454,6 +653,38 @@ class ServeSettings:
             found.append(("timeout", "seconds > 0"))
         elif not (_is_number(self.batch_timeout) and 0 <= self.batch_timeout < self.timeout):
             found.append(("batch_timeout", "seconds, >= 0 and < serve.timeout"))
+        elif self.drain_timeout is not None and not (
+            _is_number(self.drain_timeout) and self.drain_timeout >= self.timeout
+        ):
+            found.append(
+                (
+                    "drain_timeout",
+                    "null or seconds >= serve.timeout (a request in flight may wait that long "
+                    "for the model)",
+                )
+            )
+        hosts = self.allowed_hosts
+        if hosts is not None and not (
+            isinstance(hosts, list | tuple)
+            and hosts
+            and all(isinstance(h, str) and h.strip() and " " not in h for h in hosts)
+        ):
+            found.append(
+                (
+                    "allowed_hosts",
+                    'null or a list of host names, such as [api.example.com] or ["*"]',
+                )
+            )
+        if self.access_log not in ACCESS_LOGS:
+            found.append(("access_log", f"one of {', '.join(ACCESS_LOGS)}"))
+        if self.api_key is not None and not _is_api_key(self.api_key):
+            found.append(
+                (
+                    "api_key",
+                    "a non-empty string of printable ASCII without spaces (HTTP headers carry "
+                    "no other text reliably), or unset (LIT_SERVER_API_KEY unset) for no key",
+                )
+            )
         return found
 
 
@@ -465,20 +696,75 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_api_key(value: Any) -> bool:
+    """A key a client can send in a header: printable ASCII, no spaces, not empty."""
+    return isinstance(value, str) and value != "" and all("!" <= c <= "~" for c in value)
+
+
 def page_html() -> str:
     """The page served at ``/``: plain HTML and JavaScript, no external assets."""
     return resources.files("qa_lightning.serving").joinpath("page.html").read_text("utf-8")
+
+
+class DeadlineRequestHandler(RegularRequestHandler):
+    """LitServe's request handler with a deadline: a request not answered ``timeout`` seconds
+    after it was queued gets its 504 from the API process, whatever became of the worker that
+    took it (stopped, or killed: LitServe's own check runs in the worker, when it takes the
+    request)."""
+
+    async def handle_request(self, request: Any, request_type: Any) -> Any:
+        payload = await self._prepare_request(request, request_type)
+        uid, _ = await self._submit_request(payload)
+        event = asyncio.Event()
+        self.server.response_buffer[uid] = ResponseBufferItem(event)
+        try:
+            await asyncio.wait_for(event.wait(), self.server.timeout)
+        except TimeoutError:
+            self.server.response_buffer.pop(uid, None)
+            raise HTTPException(504, "Request timed out") from None
+        response, status = self.server.response_buffer.pop(uid).response
+        if status == LitAPIStatus.ERROR:
+            self._handle_error_response(response)
+        self.server._callback_runner.trigger_event(
+            EventTypes.ON_RESPONSE.value, litserver=self.server
+        )
+        return response
 
 
 class QAServer(ls.LitServer):
     """LitServe's server, keeping its API server processes so that SIGTERM can drain them
     (see :meth:`drain`), with its request queue counted for ``cores`` (when shared)."""
 
-    def __init__(self, *args: Any, cores: CoreShare | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        cores: CoreShare | None = None,
+        pids: WorkerPids | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.api_servers: dict[int, Any] = {}
         self.sockets: list[Any] = []
         self.cores = cores
+        self.pids = pids
+        self.workers = self.workers_per_device * len(self.devices)
+        #: every worker has answered /health's check once (set in the API process)
+        self.started = False
+
+    def _register_api_endpoints(self, lit_api: ls.LitAPI, request_type: Any, response_type: Any):
+        """LitServe's ``POST /predict``, answered by :class:`DeadlineRequestHandler`."""
+        self._callback_runner.trigger_event(EventTypes.ON_SERVER_START.value, litserver=self)
+        handler = DeadlineRequestHandler(lit_api, self)
+
+        async def endpoint_handler(request: request_type) -> response_type:
+            return await handler.handle_request(request, request_type)
+
+        self.app.add_api_route(
+            lit_api.api_path,
+            endpoint_handler,
+            methods=["POST"],
+            dependencies=[Depends(self.setup_auth(lit_api))],
+        )
 
     def _init_manager(self, num_api_servers: int) -> Any:
         manager = super()._init_manager(num_api_servers)
@@ -487,6 +773,51 @@ class QAServer(ls.LitServer):
             for path, queue in queues.items():
                 queues[path] = CountedQueue(queue, self.cores)
         return manager
+
+    def answering(self) -> list[bool]:
+        """Whether each inference worker can answer now: its model loaded (LitServe's set-up
+        status; a restarted worker loads it again) and its process running (not killed,
+        exited or stopped)."""
+        status = getattr(self, "workers_setup_status", None)
+        try:
+            status = status.copy() if status is not None else {}
+        except (OSError, EOFError):  # the manager has stopped
+            status = {}
+        ready = [status.get(f"predict_{k}") == WorkerSetupStatus.READY for k in range(self.workers)]
+        if self.pids is None:
+            return ready
+        return [r and runs for r, runs in zip(ready, self.pids.running(), strict=True)]
+
+    def health(self) -> Response:
+        """``/health``: 200 once every worker has loaded its model, and then while one can
+        answer (``ok``, or how many of them can); else a JSON 503."""
+        answering = self.answering()
+        up, total = sum(answering), len(answering)
+        if up == total:
+            self.started = True
+            return PlainTextResponse("ok")
+        if up and self.started:  # not while the workers load the model the first time
+            down = ", ".join(str(k) for k, a in enumerate(answering) if not a)
+            return PlainTextResponse(
+                f"ok: {up} of {total} inference workers answer (not worker {down}: loading, "
+                "stopped, or killed and being restarted)"
+            )
+        if not self.started:
+            detail = "not ready: the inference workers are loading the model; retry in a moment"
+        else:
+            detail = (
+                f"not ready: none of the {total} inference workers answers (stopped, or killed "
+                "and being restarted); requests wait up to serve.timeout, then get 504"
+            )
+        return JSONResponse({"detail": detail}, status_code=503)
+
+    def workers_ready(self) -> bool:
+        """Whether every inference worker has loaded its model (LitServe's set-up status)."""
+        status = getattr(self, "workers_setup_status", None)
+        try:
+            return bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())
+        except (OSError, EOFError):  # the manager has stopped
+            return False
 
     def _start_server(self, port, num_uvicorn_servers, log_level, sockets, *args, **kwargs):
         self.sockets = list(sockets or [])
@@ -521,20 +852,21 @@ def build_server(source: ModelSource, serve: ServeSettings, model_info: dict[str
 
     AnswerRequest.max_context_chars = serve.max_context_chars
     AnswerRequest.max_top_k = serve.max_top_k
-    accelerator = _accelerator(source)
+    accelerator, devices = _devices(source)
     cores = torch.get_num_threads()  # torch's default: the cores (or OMP_NUM_THREADS)
     workers = serve.workers_per_device
     if workers == "auto":
         workers = auto_workers(accelerator, cores)
     shared = None if source.threads else CoreShare(cores, workers)
+    pids = WorkerPids(workers * (len(devices) if isinstance(devices, list) else devices))
     api = QuestionAnsweringAPI(
-        source, serve.max_batch_size, serve.batch_timeout, serve.api_key, shared
+        source, serve.max_batch_size, serve.batch_timeout, serve.api_key, shared, pids
     )
     threads = source.threads or f"shared: {cores} cores among {workers} worker(s)"
     server = QAServer(
         api,
         accelerator=accelerator,
-        devices=1,
+        devices=devices,
         workers_per_device=workers,
         timeout=serve.timeout,
         max_payload_size=serve.max_body_bytes,
@@ -545,38 +877,84 @@ def build_server(source: ModelSource, serve: ServeSettings, model_info: dict[str
             "serve": _public(serve),
         },
         cores=shared,
+        pids=pids,
+        # a worker that dies (the OOM killer) is started again; the others answer meanwhile
+        restart_workers=True,
+        # the OpenAPI pages (/docs, /redoc, /openapi.json) do not ask for the key: off with one
+        disable_openapi_url=serve.api_key is not None,
     )
+    server.uvicorn_graceful_timeout = serve.drain_s
     app = server.app
+    too_large = (
+        f"the body is larger than the server's limit serve.max_body_bytes="
+        f"{serve.max_body_bytes} bytes; send a shorter context."
+    )
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(
         StarletteHTTPException,
         http_error(
             {
-                413: f"the body is larger than the server's limit serve.max_body_bytes="
-                f"{serve.max_body_bytes} bytes; send a shorter context.",
+                413: too_large,
                 504: f"the request waited more than serve.timeout={serve.timeout} s for the "
                 "model (the server is overloaded); retry later.",
             }
         ),
     )
-    # the page replaces LitServe's "litserve running" at /
-    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
+    app.add_exception_handler(Exception, unexpected_error)
+    app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes, detail=too_large)
+    if "*" not in serve.hosts():
+        app.add_middleware(HostCheck, allowed=serve.hosts())
+    # the page replaces LitServe's "litserve running" at /, and /health answers its 503 in JSON
+    replaced = ("/", "/health")
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in replaced]
     page = page_html()
 
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
+    async def health() -> Response:
+        return server.health()
+
+    async def livez() -> Response:
+        return PlainTextResponse("ok")  # liveness: the HTTP process answers
+
+    api.observed = WorkerMetrics(server.workers)
+    metrics = ServerMetrics(model_info, server.workers, server.answering, api.observed)
+
+    async def scrape() -> Response:
+        text, content_type = metrics.scrape()
+        return Response(text, media_type=content_type)
+
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/livez", livez, methods=["GET"], include_in_schema=False)
+    app.add_api_route(
+        "/metrics",
+        scrape,
+        methods=["GET"],
+        include_in_schema=False,
+        dependencies=[Depends(api.authorize)],
+    )
+    app.add_middleware(Observed, metrics=metrics, access_log=serve.access_log)  # outermost
     return server
 
 
-def _accelerator(source: ModelSource) -> str:
-    """LitServe's accelerator for the source's ``device``: the ONNX backend runs on the CPU."""
+def _devices(source: ModelSource) -> tuple[str, int | list[int]]:
+    """LitServe's accelerator and devices for the source's ``device`` (``cuda:N``: the GPU of
+    index N; the ONNX backend runs on the CPU)."""
     import torch
 
     if source.backend == "onnx":
-        return "cpu"
-    return torch.device(resolve_device(source.device)).type
+        return "cpu", 1
+    device = torch.device(resolve_device(source.device))
+    if device.type != "cuda" or device.index is None:
+        return device.type, 1
+    if device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={source.device!r} but this machine has {torch.cuda.device_count()} CUDA "
+            "GPU(s) that torch can use (cuda:0 ...); choose one of them, or device=cuda."
+        )
+    return "cuda", [device.index]
 
 
 def _public(serve: ServeSettings) -> dict[str, Any]:
@@ -585,10 +963,60 @@ def _public(serve: ServeSettings) -> dict[str, Any]:
     return shown
 
 
-def run_server(server: QAServer, serve: ServeSettings) -> None:
+def check_port(serve: ServeSettings) -> None:
+    """Fail (:class:`ConfigError` naming ``serve.port``) when the port cannot be bound, before
+    the model is loaded; uvicorn would log ``[Errno 98]`` and exit 3 once the workers run."""
+    family = socket.AF_INET6 if ":" in serve.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((serve.host, serve.port))
+        except OSError as error:
+            raise ConfigError(
+                f"serve.port={serve.port} cannot be used on {serve.host} ({error.strerror}): "
+                "another process listens there (another server?); stop it or choose a free "
+                "port with serve.port=PORT."
+            ) from error
+
+
+def local_url(serve: ServeSettings) -> str:
+    """The server's address as this machine reaches it (the loopback one for every interface)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(serve.host, serve.host)
+    return f"http://{host}:{serve.port}/"
+
+
+def announce_when_ready(
+    server: QAServer, url: str, message: str, stop: threading.Event, every: float = 0.1
+) -> None:
+    """Log ``message`` once ``url``'s ``/health`` answers 200 (or never, once ``stop`` is set).
+    ``/health`` is asked only once the workers say they are ready, so that the access log does
+    not fill with 503s."""
+    while not stop.wait(every):
+        if not server.workers_ready():
+            continue
+        # not listening yet, or 503 (an HTTPError, an OSError)
+        with (
+            contextlib.suppress(OSError, ValueError),
+            urllib.request.urlopen(f"{url}health", timeout=2) as response,
+        ):
+            if response.status == 200:
+                log.info("%s", message)
+                return
+        stop.wait(5 * every)
+
+
+def run_server(server: QAServer, serve: ServeSettings, what: str) -> None:
     """Run until SIGTERM (or Ctrl-C): on SIGTERM stop accepting, finish the requests in flight
-    and return."""
+    and return. ``serving WHAT at URL`` is logged once ``/health`` answers."""
     main_pid = os.getpid()
+    stopped = threading.Event()
+    host = f"[{serve.host}]" if ":" in serve.host else serve.host
+    threading.Thread(
+        target=announce_when_ready,
+        args=(server, local_url(serve), f"serving {what} at http://{host}:{serve.port}/", stopped),
+        name="qa-announce",
+        daemon=True,
+    ).start()
 
     def on_sigterm(signum: int, frame: Any) -> None:
         if os.getpid() != main_pid:  # a forked child before it installs its own handlers
@@ -606,6 +1034,8 @@ def run_server(server: QAServer, serve: ServeSettings) -> None:
             log_level=serve.log_level,
             generate_client_file=False,
             num_api_servers=1,
+            access_log=serve.access_log == "text",
         )
     finally:
+        stopped.set()
         signal.signal(signal.SIGTERM, previous)
