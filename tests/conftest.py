@@ -185,3 +185,22 @@ def save_tiny_model_dir(directory: Path, settings: Any) -> Path:
     overrides = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))
     model = load_qa_model(minilm_path(), True, overrides["config_overrides"])
     return save_hf(Exported(model.eval(), load_tokenizer(minilm_path()), settings), directory)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A random tiny model (conf/model/tiny.yaml, seed 0) exported as a Hugging Face directory,
+    windows of 128 tokens with stride 32."""
+    from qa_lightning.answers.settings import InferenceSettings
+
+    settings = InferenceSettings(max_length=128, stride=32)
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "hf_model", settings)
+
+
+@pytest.fixture(scope="session")
+def validation() -> Any:
+    """The shipped demo validation set (30 questions), as read by ``data=local``."""
+    from qa_lightning.core.config import resource_path
+    from qa_lightning.data.loading import load_local_file
+
+    return load_local_file(resource_path("demo/validation.json"))

@@ -1,6 +1,7 @@
 """A real full disk: a small tmpfs mounted under the test's directory, filled up to ``room``
 bytes. Mounting needs root (CAP_SYS_ADMIN); elsewhere the tests that need it are skipped, and
-those of :mod:`tests.test_full_disk` marked ``patched`` raise ``ENOSPC`` from the writer instead.
+those of :mod:`tests.core.test_full_disk` marked ``patched`` raise ``ENOSPC`` from the writer
+instead.
 """
 
 from __future__ import annotations

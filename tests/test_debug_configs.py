@@ -58,32 +58,83 @@ def test_profiler_writes_its_report_to_the_run_dir(compose_train) -> None:
     assert "run_training_epoch" in text and "SingleDeviceStrategy.training_step" in text
 
 
-@pytest.mark.slow  # 20 steps and 10 validations
+def epoch_losses(run_dir: Path) -> list[float]:
+    """Each epoch's mean train/loss, as TensorBoard got it."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.value for e in events.Scalars("train/loss_epoch")]
+
+
+def assert_stopped_at_the_first_fit(metrics: dict, losses: list[float], cfg) -> None:
+    """The run fit its batches and stopped at the end of the first epoch below the bound."""
+    max_loss = cfg.callbacks.overfit_check.max_loss
+    assert losses[0] > 4  # it started unfit (log 128 = 4.85)
+    assert losses[-1] < max_loss <= min(losses[:-1])
+    assert metrics["epochs"] == len(losses) < cfg.trainer.max_epochs
+    assert metrics["global_step"] == 2 * len(losses)
+    run_dir = Path(cfg.paths.output_dir)
+    assert metrics["best_checkpoint"] is None and not list(run_dir.rglob("*.ckpt"))  # no use
+
+
 def test_overfit_fits_the_same_batches(compose_train) -> None:
-    epochs, max_loss = 10, 2.5
     cfg = debug_run(
         compose_train,
         "overfit",
-        f"trainer.max_epochs={epochs}",
-        "model.lr=1e-2",  # the random tiny model needs more than the demo's 1e-4
-        f"callbacks.overfit_check.max_loss={max_loss}",
+        "trainer.max_epochs=10",
+        "model.lr=1e-2",  # the random tiny model needs more than a pretrained encoder's 3e-4
+        "callbacks.overfit_check.max_loss=1.5",  # it plateaus near 0.27 (at 1e-2, no dropout)
     )
-    assert cfg.trainer.overfit_batches == 2
+    assert cfg.trainer.overfit_batches == 2 and cfg.model.scheduler is None
     metrics = train(cfg)  # raises TrainingError unless the loss ends below max_loss
-    assert metrics["global_step"] == epochs * 2
-    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
-    events.Reload()
-    losses = [e.value for e in events.Scalars("train/loss_epoch")]
-    assert losses[0] > 4 and losses[-1] < max_loss
+    assert_stopped_at_the_first_fit(metrics, epoch_losses(Path(cfg.paths.output_dir)), cfg)
+
+
+@pytest.mark.slow  # the demo model: about a minute on 2 cores
+@pytest.mark.parametrize("trainer", ["cpu", "cpu_bf16"])
+def test_overfit_fits_the_demo_model_decisively(compose_train, trainer) -> None:
+    """``experiment=demo debug=overfit`` as the docs give it, in fp32 and bf16: the demo model
+    fits its two batches with a third of the epochs allowed to spare (13 of 30 here)."""
+    cfg = compose_train(["experiment=demo", "debug=overfit", f"trainer={trainer}"])
+    assert cfg.trainer.precision == {"cpu": "32-true", "cpu_bf16": "bf16-mixed"}[trainer]
+    metrics = train(cfg)
+    losses = epoch_losses(Path(cfg.paths.output_dir))
+    assert_stopped_at_the_first_fit(metrics, losses, cfg)
+    assert len(losses) <= cfg.trainer.max_epochs * 2 // 3
+
+
+def fake_trainer(loss: float, **fields) -> SimpleNamespace:
+    """What :class:`OverfitCheck` reads of a trainer, one process."""
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
+    return SimpleNamespace(
+        callback_metrics={"train/loss_epoch": torch.tensor(loss)},
+        strategy=strategy,
+        should_stop=False,
+        **fields,
+    )
+
+
+def test_overfit_check_stops_at_the_first_epoch_below_the_bound() -> None:
+    check, trainer = OverfitCheck(max_loss=0.5), fake_trainer(0.75)
+    check.on_train_epoch_end(trainer, None)
+    assert not trainer.should_stop
+    trainer.callback_metrics["train/loss_epoch"] = torch.tensor(0.25)
+    check.on_train_epoch_end(trainer, None)
+    assert trainer.should_stop
+    trainer.should_stop = False
+    OverfitCheck(max_loss=0.5, stop=False).on_train_epoch_end(trainer, None)
+    assert not trainer.should_stop  # trains every epoch
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_overfit_check_turns_dropout_off_unless_asked(dropout) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    OverfitCheck(max_loss=0.5, dropout=dropout).on_fit_start(None, model)
+    assert model[1].p == (0.1 if dropout else 0.0)
 
 
 def test_overfit_check_fails_a_loss_above_the_bound() -> None:
     check = OverfitCheck(max_loss=0.5)
-    trainer = SimpleNamespace(
-        callback_metrics={"train/loss_epoch": torch.tensor(0.75)},
-        overfit_batches=2,
-        current_epoch=30,
-    )
+    trainer = fake_trainer(0.75, overfit_batches=2, current_epoch=30)
     with pytest.raises(
         TrainingError, match=r"did not fit 2 training batches.*0\.7500.*max_loss=0\.5"
     ):

@@ -27,7 +27,7 @@ from qa_lightning.data import SquadDataModule
 from qa_lightning.data.sampling import length_grouped_order
 from qa_lightning.train import train
 from tests.conftest import ROOT, SHORT_WINDOWS, TINY_OVERRIDES, read_batches, run_cli
-from tests.test_resume import KEEP_EVERY_2_STEPS, assert_same_run
+from tests.runs.test_resume import KEEP_EVERY_2_STEPS, assert_same_run
 
 
 def evaluate_cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -98,12 +98,13 @@ def two_process_train(run_dir: Path, *overrides: str) -> subprocess.CompletedPro
         "qa_lightning.train",
         *KEEP_EVERY_2_STEPS,
         "trainer=ddp_cpu",
+        "verbose=true",  # Lightning's line naming the process group
         f"paths.cache_dir={run_dir.parent / 'cache'}",
         f"hydra.run.dir={run_dir}",
         *overrides,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "MEMBER: 2/2" in result.stdout + result.stderr
+    assert "MEMBER: 2/2" in result.stdout + result.stderr  # with verbose=true
     return result
 
 

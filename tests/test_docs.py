@@ -10,12 +10,13 @@ the doc with the reason it cannot (tests/docs_commands.py reads them, at test ti
   are quick; the rest are slow.
 
 Placeholders are filled from runs the tests make (:class:`DocRuns`): ``outputs/train/RUN`` (also
-``TEACHER``, ``$RUN``, ``$M``, ``$T``, ``$S``) is a run of ``experiment=demo model=tiny`` with
-:data:`CHEAP_TRAIN`, ``best-....ckpt`` (``best-epoch01-f148.22.ckpt``) its best checkpoint,
-``ckpt_path=...`` that checkpoint, ``outputs/export/RUN`` (``DATE``, ``$FP32``, ``$INT8``) its fp32
-and int8 ONNX exports, ``<date>`` the newest match in the block's directory; a lone ``...`` is
-dropped. ``$SQUAD``, ``$VAL``, ``QA_SQUAD_DIR`` and ``../shared/data/squad`` stand for the shared
-SQuAD split with the demo files repeated (:data:`SQUAD_COPIES`); ``train.json``, ``dev.json``,
+``TEACHER``, ``$RUN``, ``$S``) is a run of ``experiment=demo model=tiny`` with :data:`CHEAP_TRAIN`,
+``best-....ckpt`` (``best-epoch01-f148.22.ckpt``) its best checkpoint, ``ckpt_path=...`` that
+checkpoint, ``outputs/export/RUN`` (``DATE``) its fp32 and int8 ONNX exports; ``$M`` and ``$T``
+(a fine-tuned MiniLM in the docs) a ``model=minilm data=demo`` run, ``$FP32`` and ``$INT8`` its
+exports; ``<date>`` the newest match in the block's directory; a lone ``...`` is dropped.
+``$SQUAD``, ``$VAL``, ``QA_SQUAD_DIR`` and ``../shared/data/squad`` stand for the shared SQuAD
+split with the demo files repeated (:data:`SQUAD_COPIES`); ``train.json``, ``dev.json``,
 ``train.csv``, ``dev.csv``, ``NewsQA.jsonl.gz``, ``NewsQA-dev.jsonl.gz`` and ``questions.jsonl``
 are the demo files in those formats.
 
@@ -69,22 +70,38 @@ QUICK_SECTIONS = {"README.md": ("After the demo",)}
 #: Fewer questions and one epoch for every documented training command.
 CHEAP_TRAIN = ["trainer.max_epochs=1", "data.train_samples=16", "data.validation_samples=8"]
 #: Hydra's config of each entry point.
-CONFIG_NAMES = {"train": "train", "evaluate": "eval", "predict": "predict", "export": "export"}
-CONFIG_NAMES["serve"] = "serve"
+CONFIG_NAMES = {
+    "train": "train",
+    "evaluate": "eval",
+    "predict": "predict",
+    "export": "export",
+    "serve": "serve",
+}
 #: Entry points and tools that serve until stopped: the option giving the port, the path to poll.
-SERVERS = {"qa_lightning.serve": ("serve.port={}", "/health"), "tensorboard": ("--port {}", "/")}
-SERVERS["mlflow"] = ("--port {}", "/")
+SERVERS = {
+    "qa_lightning.serve": ("serve.port={}", "/health"),
+    "tensorboard": ("--port {}", "/"),
+    "mlflow": ("--port {}", "/"),
+}
 COMMAND_TIMEOUT = 900
 #: Copies of the demo train and validation questions standing in for the shared SQuAD split
 #: (560 and 90 questions: as many as the benchmarks' --quick sizes take).
 SQUAD_COPIES = (8, 3)
-#: Dummy values of the shell variables the docs leave to the reader, for composing configs.
-COMPOSE_VARIABLES = {
-    name: f"outputs/train/RUN/{name}" for name in ("M", "T", "S", "VAL", "FP32", "INT8", "SQUAD")
+#: The shell variables the docs leave to the reader (a model, exports), in a block's directory.
+READER_VARIABLES = {
+    "M": "outputs/train/MINILM/hf_model",
+    "T": "outputs/train/MINILM/hf_model",
+    "S": "outputs/train/RUN/hf_model",
+    "FP32": "outputs/export/MINILM/onnx_model",
+    "INT8": "outputs/export/MINILM/onnx_int8_model",
 }
+#: Dummy values of the shell variables the docs leave to the reader, for composing configs.
+COMPOSE_VARIABLES = {name: "DIR" for name in (*READER_VARIABLES, "VAL", "SQUAD")}
 #: Top-level entries of the repository that a block's directory links to.
-REPOSITORY_ENTRIES = ("src", "conf", "tests", "benchmarks", "scripts", "docs")
-REPOSITORY_ENTRIES += ("Makefile", "pyproject.toml", "README.md")
+REPOSITORY_ENTRIES = (
+    *("src", "conf", "tests", "benchmarks", "scripts", "docs"),
+    *("Makefile", "pyproject.toml", "README.md"),
+)
 
 
 def kind(command: Command) -> str:
@@ -196,7 +213,7 @@ def quote(word: str) -> str:
 # -- composing each entry point's config -----------------------------------------------------
 
 
-def entry_points(command: Command, directory: Path | None = None) -> list[tuple[str, list[str]]]:
+def entry_points(command: Command) -> list[tuple[str, list[str]]]:
     """(entry point, arguments) of each ``python -m qa_lightning.X`` the command runs that has a
     Hydra config, placeholders filled with dummies and optional ``[key=value]`` words included."""
     variables = context_variables(command, COMPOSE_VARIABLES)
@@ -321,11 +338,6 @@ class DocRuns:
             "QA_SQUAD_DIR": str(self.squad),
             "SQUAD": str(self.squad),
             "VAL": str(self.squad / "validation.json"),
-            "M": "outputs/train/RUN/hf_model",
-            "T": "outputs/train/RUN/hf_model",
-            "S": "outputs/train/RUN/hf_model",
-            "FP32": "outputs/export/RUN/onnx_model",
-            "INT8": "outputs/export/RUN/onnx_int8_model",
         }
         self.environment.pop("HYDRA_FULL_ERROR", None)
         self.write_data()
@@ -333,7 +345,7 @@ class DocRuns:
     def write_data(self) -> None:
         from qa_lightning.core.config import resource_path
         from qa_lightning.data.readers import squad_json
-        from tests.test_mrqa import squad_to_mrqa
+        from tests.data.test_mrqa import squad_to_mrqa
 
         train, validation = resource_path("demo/train.json"), resource_path("demo/validation.json")
         for directory in (self.squad, self.data):
@@ -367,14 +379,18 @@ class DocRuns:
 
     @property
     def run(self) -> Path:
-        """``outputs/train/<date>`` of the tiny demo run, under ``base/runs``."""
-        return self.once("run", self.make_run)
+        """``outputs/train/<date>`` of the tiny model's demo run, under ``base/tiny``."""
+        return self.once("tiny run", lambda: self.train("tiny", "experiment=demo", "model=tiny"))
 
-    def make_run(self) -> Path:
-        cwd = self.base / "runs"
+    @property
+    def minilm_run(self) -> Path:
+        """The same with the demo model (six layers, for the commands about a MiniLM)."""
+        return self.once("MiniLM run", lambda: self.train("minilm", "model=minilm", "data=demo"))
+
+    def train(self, name: str, *overrides: str) -> Path:
+        cwd = self.base / name
         cwd.mkdir()
-        overrides = ["experiment=demo", "model=tiny", *CHEAP_TRAIN]
-        self.check_call([sys.executable, "-m", "qa_lightning.train", *overrides], cwd)
+        self.check_call([sys.executable, "-m", "qa_lightning.train", *overrides, *CHEAP_TRAIN], cwd)
         return next(p for p in (cwd / "outputs/train").iterdir() if not p.is_symlink())
 
     @property
@@ -383,16 +399,21 @@ class DocRuns:
 
     @property
     def exports(self) -> Path:
-        """``outputs/export/RUN`` with ``onnx_model`` and ``onnx_int8_model`` of the run."""
-        return self.once("exports", self.make_exports)
+        """``outputs/export/RUN`` with ``onnx_model`` and ``onnx_int8_model`` of the tiny run."""
+        return self.once("tiny exports", lambda: self.export(self.run, "tiny_exports"))
 
-    def make_exports(self) -> Path:
-        cwd = self.base / "exports"
-        run_dir = cwd / "outputs/export/RUN"
-        export = [sys.executable, "-m", "qa_lightning.export", "format=onnx"]
-        export.append(f"ckpt_path={self.run / 'checkpoints' / self.best_checkpoint}")
+    @property
+    def minilm_exports(self) -> Path:
+        """The same for the MiniLM run."""
+        return self.once("MiniLM exports", lambda: self.export(self.minilm_run, "minilm_exports"))
+
+    def export(self, run: Path, name: str) -> Path:
+        """``onnx_model`` and ``onnx_int8_model`` of ``run`` in ``base/name/export``."""
+        cwd = self.base / name
+        run_dir = cwd / "export"
+        export = [sys.executable, "-m", "qa_lightning.export", f"model_dir={run / 'hf_model'}"]
         cwd.mkdir()
-        self.check_call([*export, f"hydra.run.dir={run_dir}"], cwd)
+        self.check_call([*export, "format=onnx", f"hydra.run.dir={run_dir}"], cwd)
         int8 = ["quantize=int8", "validation_samples=8", f"out_dir={run_dir / 'onnx_int8_model'}"]
         self.check_call([*export, *int8, f"hydra.run.dir={cwd / 'int8'}"], cwd)
         return run_dir
@@ -453,26 +474,21 @@ class DocRuns:
         block_text = " ".join(
             c.text for c in COMMANDS if (c.doc, c.block_line) == (command.doc, command.block_line)
         )
-        runs = directory / "outputs" / "train"
-        if re.search(r"outputs/train/|\$(RUN|M|T|S)\b|ckpt_path=\.\.\.", block_text):
-            runs.mkdir(parents=True)
-            for entry in self.run.parent.iterdir():
-                if entry.is_symlink():
-                    (runs / entry.name).symlink_to(os.readlink(entry))
-                else:
-                    shutil.copytree(entry, runs / entry.name, copy_function=os.link)
-            for name in ("RUN", "TEACHER"):
-                (runs / name).symlink_to(self.run.name)
-        if re.search(r"outputs/export/(RUN|DATE)|\$(FP32|INT8)\b", block_text):
-            target = directory / "outputs" / "export" / "RUN"
-            shutil.copytree(self.exports, target, copy_function=os.link)
+        if re.search(r"outputs/train/|\$(RUN|S)\b|ckpt_path=\.\.\.", block_text):
+            copy_run(self.run, directory / "outputs/train", "RUN", "TEACHER")
+        if re.search(r"\$(M|T)\b", block_text):
+            copy_run(self.minilm_run, directory / "outputs/train", "MINILM")
+        if re.search(r"outputs/export/(RUN|DATE)", block_text):
+            shutil.copytree(self.exports, directory / "outputs/export/RUN")
+        if re.search(r"\$(FP32|INT8)\b", block_text):
+            shutil.copytree(self.minilm_exports, directory / "outputs/export/MINILM")
         write_examples(DOCS[command.doc], directory)
 
     # running a command
 
     def script(self, command: Command, block: Block, cheap: bool = True) -> str:
         """The bash script of the command: its context lines, then its lines, filled."""
-        variables = context_variables(command, self.environment)
+        variables = context_variables(command, self.environment_in(block.directory))
         conf = block.directory / ".conf"
         searchpath = str(conf) if conf.is_dir() else None
         needs_run = re.search(r"best-|ckpt_path=\.\.\.", command.text)
@@ -482,11 +498,16 @@ class DocRuns:
             lines = [cheaper(line, variables, searchpath) for line in lines]
         return "\n".join(["set -eo pipefail", *command.context, *lines])
 
+    def environment_in(self, cwd: Path) -> dict[str, str]:
+        """The environment of the commands run in ``cwd``: the reader's variables set to the
+        runs' paths there."""
+        return {**self.environment, **{k: str(cwd / v) for k, v in READER_VARIABLES.items()}}
+
     def shell(self, script: str, cwd: Path) -> subprocess.CompletedProcess:
         with subprocess.Popen(
             ["bash", "-c", script],
             cwd=cwd,
-            env=self.environment,
+            env=self.environment_in(cwd),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -507,6 +528,21 @@ class DocRuns:
                 block.ran.add(earlier.line)
                 if earlier.skip is None and kind(earlier) == "shell":
                     self.shell(self.script(earlier, block), block.directory)
+
+
+def copy_run(run: Path, runs: Path, *names: str) -> None:
+    """``run`` (hard links to its files) and the links beside it into ``runs``, linked to as
+    each of ``names``."""
+    runs.mkdir(parents=True, exist_ok=True)
+    for entry in run.parent.iterdir():
+        if (runs / entry.name).exists():
+            continue
+        if entry.is_symlink():
+            (runs / entry.name).symlink_to(os.readlink(entry))
+        else:
+            shutil.copytree(entry, runs / entry.name, copy_function=os.link)
+    for name in names:
+        (runs / name).symlink_to(run.name)
 
 
 def free_port() -> int:
@@ -636,7 +672,7 @@ def check_server(command: Command, block: Block, doc_runs: DocRuns) -> None:
         process = subprocess.Popen(
             ["bash", "-c", script],
             cwd=block.directory,
-            env=doc_runs.environment,
+            env=doc_runs.environment_in(block.directory),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

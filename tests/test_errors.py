@@ -58,14 +58,16 @@ def in_process_error(capsys, task: Callable[[], Any], *fragments: str) -> str:
 
 
 def test_cli_bad_type_names_the_key_and_hydra_full_error_shows_the_traceback(tmp_path) -> None:
-    args = [*TINY_OVERRIDES, "data.batch_size=abc", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [*TINY_OVERRIDES, "data.batch_size=abc"]
     cli_error(
-        run_cli("qa_lightning.train", *args),
+        run_cli("qa_lightning.train", *args, f"hydra.run.dir={tmp_path / 'run'}"),
         "data.batch_size='abc'",
         "must be an integer",
         "data.batch_size=8",
     )
-    full = run_cli("qa_lightning.train", *args, HYDRA_FULL_ERROR="1")
+    full = run_cli(
+        "qa_lightning.train", *args, f"hydra.run.dir={tmp_path / 'full'}", HYDRA_FULL_ERROR="1"
+    )
     assert full.returncode != 0
     assert "Traceback" in full.stderr and "ConfigError" in full.stderr
 
@@ -81,11 +83,11 @@ def test_cli_unknown_key_names_the_closest_known_key_in_one_line(tmp_path) -> No
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
-def test_cli_evaluate_rejects_a_stride_the_tokenizer_would_panic_on(tmp_path) -> None:
+def test_cli_evaluate_rejects_a_stride_the_tokenizer_would_panic_on(model_dir, tmp_path) -> None:
     # 128 - 64 question tokens - 4 special tokens leave 60 context tokens: stride 60 is too large
     result = run_cli(
         "qa_lightning.evaluate",
-        f"model_dir={tmp_path}",
+        f"model_dir={model_dir}",
         "data=demo",
         "data.max_length=128",
         "data.stride=60",

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from qa_lightning import report
-from qa_lightning.answers.settings import InferenceSettings
 from qa_lightning.evaluate import evaluate
 from qa_lightning.export import export
 from qa_lightning.model import QAModule
@@ -20,18 +19,11 @@ from qa_lightning.model.logits import TorchLogits
 from qa_lightning.predict import predict
 from qa_lightning.runs import sweep_report
 from qa_lightning.serving.answerer import QuestionAnswerer
-from tests.conftest import EVAL_OVERRIDES, save_tiny_model_dir
+from tests.conftest import EVAL_OVERRIDES
+from tests.data.test_errors_data import LONG_QUESTION, UNICODE, long_context_record
 from tests.test_errors import _short_errors, cli_error, in_process_error, run_cli  # noqa: F401
-from tests.test_errors_data import LONG_QUESTION, UNICODE, long_context_record
 
 CONTEXT = "The report was written by the committee in 1998, after a long inquiry into the bridge."
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random tiny model (conf/model/tiny.yaml) exported as a Hugging Face directory."""
-    settings = InferenceSettings(max_length=128, stride=32)
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "hf_model", settings)
 
 
 def assert_exact_offsets(context: str, answers: list[dict]) -> None:

@@ -32,11 +32,6 @@ def trained(tmp_path_factory) -> dict:
     return train_tiny(tmp_path_factory.mktemp("export"), f"trainer.max_epochs={EPOCHS}")
 
 
-@pytest.fixture(scope="module")
-def validation():
-    return load_local_file(resource_path("demo/validation.json"))
-
-
 def best_answers(answers: list) -> list[str]:
     return [found[0].text if found else "" for found in answers]
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from qa_lightning import evaluate, export, predict, serve, train
-from qa_lightning.answers.settings import InferenceSettings
 from qa_lightning.cli import closest
-from tests.conftest import run_cli, save_tiny_model_dir
+from tests.conftest import run_cli
 from tests.test_errors import _short_errors  # noqa: F401
 
 
@@ -144,12 +142,6 @@ def test_an_optuna_search_still_composes(capsys) -> None:
     )
     assert code == 0, err
     assert "_target_: hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper" in out
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    settings = InferenceSettings(max_length=128, stride=32)
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "hf_model", settings)
 
 
 def test_cli_multirun_runs_every_job_and_a_typo_in_a_sweep_stops_it(model_dir, tmp_path) -> None:

@@ -23,15 +23,13 @@ from qa_lightning.answers.ranking import rank_answers
 from qa_lightning.answers.settings import InferenceSettings
 from qa_lightning.cli import report_errors
 from qa_lightning.core import config
-from qa_lightning.core.config import resource_path
 from qa_lightning.core.errors import ConfigError
-from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_eval_windows
 from qa_lightning.model.logits import TorchLogits, resolve_precision
 from qa_lightning.predict import predict
 from qa_lightning.serving.answerer import InputError, QuestionAnswerer
 from qa_lightning.serving.jsonl import read_question_lines
-from tests.conftest import ROOT, save_tiny_model_dir
+from tests.conftest import ROOT
 
 SETTINGS = InferenceSettings(max_length=128, stride=32)
 QUESTION = "Who wrote the report?"
@@ -39,21 +37,10 @@ CONTEXT = "The report was written by the committee in 1998, after a long inquiry
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random tiny model (conf/model/tiny.yaml) exported as a Hugging Face directory."""
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "hf_model", SETTINGS)
-
-
-@pytest.fixture(scope="module")
 def answerer(model_dir: Path) -> QuestionAnswerer:
     return QuestionAnswerer.from_model_dir(
         model_dir, device="cpu", batch_size=8, precision="32-true"
     )
-
-
-@pytest.fixture(scope="module")
-def validation():
-    return load_local_file(resource_path("demo/validation.json"))
 
 
 def run_predict(*overrides: str, stdin: str | None = None) -> subprocess.CompletedProcess:

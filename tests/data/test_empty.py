@@ -14,8 +14,8 @@ from qa_lightning.core.errors import DataError
 from qa_lightning.data.empty import drop_reasons, problem_kind, require_examples
 from qa_lightning.data.loading import load_local_file
 from tests.conftest import TINY_OVERRIDES, run_cli
+from tests.data.test_errors_data import BAD, DEMO_VALIDATION, write_jsonl
 from tests.test_errors import cli_error
-from tests.test_errors_data import BAD, DEMO_VALIDATION, write_jsonl
 
 
 def nothing(path: Path) -> list:

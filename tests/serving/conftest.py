@@ -17,7 +17,7 @@ import pytest
 
 from qa_lightning.answers.settings import InferenceSettings
 from qa_lightning.serving.answerer import QuestionAnswerer
-from tests.conftest import ROOT, save_tiny_model_dir
+from tests.conftest import ROOT
 
 pytest.importorskip("litserve", reason="serving needs the serve extra (litserve)")
 httpx = pytest.importorskip("httpx", reason="the server tests call it with httpx")
@@ -107,8 +107,9 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model_dir(tmp_path_factory.mktemp("serving") / "hf_model", SETTINGS)
+def tiny_model_dir(model_dir: Path) -> Path:
+    """The tests' tiny model directory (``model_dir`` of tests/conftest.py)."""
+    return model_dir
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +127,4 @@ def server(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     process.wait_ready()
     yield process
     assert process.stop() == 0, process.log()[-3000:]
+    assert "leaked semaphore" not in process.log()

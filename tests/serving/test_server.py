@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -47,8 +48,12 @@ def assert_same_answers(got: list[dict], want: list[dict]) -> None:
 
 
 def test_serving_is_logged_once_health_answers(server, tiny_model_dir) -> None:
+    line = f"serving {tiny_model_dir} (torch, "
+    deadline = time.monotonic() + 10  # logged by a thread polling /health as the tests do
+    while line not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
     log = server.log()
-    serving = log.index(f"serving {tiny_model_dir} (torch, ")
+    serving = log.index(line)
     assert f"at http://127.0.0.1:{server.port}/" in log[serving:]
     assert log.rindex('"GET /health HTTP/1.1" 200', 0, serving) > log.rindex("Uvicorn running")
     assert log.count("Loading weights: 100%") <= 1  # the start-up check at most, not each worker

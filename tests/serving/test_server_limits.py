@@ -64,8 +64,13 @@ def test_metrics_need_the_key_and_the_access_log_is_json(locked) -> None:
     assert httpx.get(f"{locked.url}/livez").status_code == 200  # open, as /health
     response = post(locked, headers={"X-Request-ID": "req-7"})
     assert response.status_code == 200
-    lines = [json.loads(line) for line in locked.log().splitlines() if line.startswith("{")]
-    mine = [line for line in lines if line["request_id"] == "req-7"]
+    deadline = time.monotonic() + 10  # the server's log reaches its file after the response
+    while True:
+        lines = [json.loads(line) for line in locked.log().splitlines() if line.startswith("{")]
+        mine = [line for line in lines if line["request_id"] == "req-7"]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert len(mine) == 1 and mine[0]["path"] == "/predict" and mine[0]["status"] == 200
     assert mine[0]["method"] == "POST" and mine[0]["duration_ms"] > 0
     assert {line["status"] for line in lines if line["path"] == "/metrics"} == {200, 401}
@@ -114,3 +119,4 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(locked, answerer) -> No
         assert response.status_code == 200, response.text
         assert_same_answers(response.json()["answers"], expected(answerer, **body))
     assert locked.process.wait(60) == 0, locked.log()[-3000:]
+    assert "leaked semaphore" not in locked.log()  # each worker's tqdm lock was one

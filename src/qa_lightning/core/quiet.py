@@ -26,8 +26,12 @@ NOISE_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 #: Loggers of other libraries that show WARNING and above only: Lightning's notes (devices,
 #: seed, precision, tips, why ``fit`` stopped) and matplotlib's (categorical axes).
 WARNINGS_ONLY = ("lightning.pytorch", "lightning.fabric", "matplotlib")
-#: Lightning's loggers whose INFO lines stay: the model summary of ``callbacks.model_summary``.
-KEPT_INFO = ("lightning.pytorch.callbacks.model_summary",)
+#: Lightning's loggers whose INFO lines stay: the model summary of ``callbacks.model_summary``,
+#: and "Received SIGTERM" (a pre-empted run stops after its batch and saves ``last.ckpt``).
+KEPT_INFO = (
+    "lightning.pytorch.callbacks.model_summary",
+    "lightning.pytorch.trainer.connectors.signal_connector",
+)
 #: Lightning's rank-zero notes that stay: which checkpoint a resumed run continues.
 KEPT_NOTES = ("Restoring states from the checkpoint", "Restored all states from the checkpoint")
 #: Lightning's logger of rank-zero notes (each of its packages names it when imported).

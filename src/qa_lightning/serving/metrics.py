@@ -30,6 +30,7 @@ from prometheus_client import (
 )
 from prometheus_client import Info as InfoMetric
 from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from starlette.datastructures import Headers, MutableHeaders
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -69,7 +70,9 @@ class SharedHistogram:
         width = len(self.buckets) + 1
         per_bucket = [sum(self.counts[i::width]) for i in range(width)]
         cumulative = list(itertools.accumulate(per_bucket))
-        bounds = [str(bound) for bound in self.buckets] + ["+Inf"]
+        bounds = [floatToGoString(bound) for bound in self.buckets] + [
+            "+Inf"
+        ]  # "1.0", as Histogram
         family = HistogramMetricFamily(self.name, self.documentation)
         family.add_metric([], list(zip(bounds, cumulative, strict=True)), sum(self.sums))
         return [family]

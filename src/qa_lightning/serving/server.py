@@ -2,8 +2,14 @@
 so that its answers are ``predict``'s (same windowing, decoding, null answers and settings).
 
 ``POST /predict`` answers ``{"question", "context", "top_k"?, "id"?}`` with ``{"id",
-"answers": [{"answer", "score", "start", "end"}]}``; ``GET /health``; ``GET /info`` (LitServe's,
-with the model's description as its ``model``); ``GET /`` a page to ask questions in a browser.
+"answers": [{"answer", "score", "start", "end"}]}``; ``GET /health`` (readiness: how many
+workers can answer) and ``GET /livez`` (liveness); ``GET /metrics`` (Prometheus, see
+:mod:`~qa_lightning.serving.metrics`); ``GET /info`` (LitServe's, with the model's description
+as its ``model``); ``GET /`` a page to ask questions in a browser.
+
+A worker stopped or killed holds up nothing: LitServe starts a killed one again, the others
+answer meanwhile, and every request gets its answer or a 504 within ``serve.timeout``
+(:class:`DeadlineRequestHandler`).
 
 Requests are checked by FastAPI against :class:`AnswerRequest` in the API server process, before
 they reach the model's queue, so that a bad request is answered 422/413 on its own and never
@@ -46,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, field_validato
 from pydantic_core import PydanticCustomError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from tqdm import tqdm
 
 from qa_lightning.answers.ranking import Answer
 from qa_lightning.core.errors import ConfigError
@@ -511,6 +518,9 @@ class QuestionAnsweringAPI(ls.LitAPI):
         if self.cores is not None:
             self.cores.started(self.worker_id)
         hf_logging.disable_progress_bar()  # the start-up check showed the model's loading once
+        # tqdm's default lock (taken even by a disabled bar, in every answer call) is a
+        # multiprocessing one: a named semaphore this worker would leak when it is stopped
+        tqdm.set_lock(threading.RLock())
         self.answerer = self.source.load(device)
         # described before sharing: SharedLogits hides the ONNX model's quantization
         log.info("answering on %s: %s", device, describe(self.answerer, self.source))

@@ -77,7 +77,7 @@ def test_non_finite_loss_is_found_at_the_next_check_without_a_sync_every_step(
         [
             *every_3_steps,
             "trainer.log_every_n_steps=3",
-            "+callbacks.poison._target_=tests.test_errors_training.PoisonWeights",
+            "+callbacks.poison._target_=tests.runs.test_errors_training.PoisonWeights",
             "+callbacks.poison.at_step=1",
             "+callbacks.record._target_=tests.conftest.RecordBatches",
         ]
@@ -103,7 +103,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint_which_resumes(
     compose_train, capsys
 ) -> None:
     poison = [
-        "+callbacks.poison._target_=tests.test_errors_training.PoisonWeights",
+        "+callbacks.poison._target_=tests.runs.test_errors_training.PoisonWeights",
         "+callbacks.poison.at_step=3",
     ]
     cfg = compose_train([*EVERY_2_STEPS, *poison])

@@ -42,7 +42,7 @@ from qa_lightning.runs.checkpoint_reading import load_checkpoint_file, trust_set
 from qa_lightning.serving.answerer import QuestionAnswerer
 from qa_lightning.serving.exports import export_checked_onnx, save_hf
 from qa_lightning.train import train
-from tests.conftest import EVAL_OVERRIDES, TINY_OVERRIDES, run_cli, save_tiny_model_dir
+from tests.conftest import EVAL_OVERRIDES, TINY_OVERRIDES, run_cli
 
 
 def names(directory: Path) -> list[str]:
@@ -353,13 +353,6 @@ def test_a_tokenizer_without_the_special_tokens_of_windowing_misfits(tmp_path: P
     no_pad.pad_token = None
     assert no_pad.pad_token is None
     assert tokenizer_misfit(no_pad, 30522) == "it has no pad_token, which windowing needs"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random tiny model (conf/model/tiny.yaml) exported as a Hugging Face directory."""
-    settings = InferenceSettings(max_length=128, stride=32)
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "hf_model", settings)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from qa_lightning.cli import report_errors
 from qa_lightning.core import hardware
 from qa_lightning.core.config import minilm_path, resource_path
 from qa_lightning.core.errors import ConfigError
-from qa_lightning.data.loading import load_local_file
 from qa_lightning.data.windowing import make_eval_windows
 from qa_lightning.evaluate import evaluate
 from qa_lightning.export import export
@@ -71,11 +70,6 @@ def random_onnx(tmp_path_factory) -> Path:
     model = load_qa_model(minilm_path(), True, overrides["config_overrides"]).eval()
     exported = Exported(model, load_tokenizer(minilm_path()), SETTINGS)
     return export_onnx(exported, tmp_path_factory.mktemp("random") / "onnx_model")
-
-
-@pytest.fixture(scope="module")
-def validation():
-    return load_local_file(resource_path("demo/validation.json"))
 
 
 def op_counts(onnx_path: Path) -> dict[str, int]:
