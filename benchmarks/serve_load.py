@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,7 +108,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log = log_dir / f"{name.replace(' ', '_')}.log"
-        command = [c.replace("{port}", str(self.port)) for c in command]
+        run_dir = tempfile.mkdtemp(prefix="qa_serve_load-")  # a run dir of its own
+        command = [
+            c.replace("{port}", str(self.port)).replace("{run_dir}", run_dir) for c in command
+        ]
         self.process = subprocess.Popen(
             command,
             cwd=ROOT,
@@ -168,7 +172,7 @@ def serve_command(threads: int | None, *args: str) -> list[str]:
         "device=cpu",
         "serve.port={port}",
         "serve.log_level=warning",
-        f"hydra.run.dir={Path('/tmp') / 'qa_serve_load'}",
+        "hydra.run.dir={run_dir}",
     ]
 
 
