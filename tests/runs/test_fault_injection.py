@@ -204,13 +204,22 @@ def test_evaluate_scores_a_trusted_checkpoint_of_an_earlier_version_exactly(
         "qa_lightning.evaluate",
         f"ckpt_path={earlier}",
         *[o for o in OVERRIDES if o.startswith(("data", "trainer"))],
-        f"hydra.run.dir={tmp_path / 'eval'}",
     ]
-    refused = subprocess.run(evaluation, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    refused = subprocess.run(
+        [*evaluation, f"hydra.run.dir={tmp_path / 'refused'}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "GLOBAL numpy" in refused.stderr and "trust_checkpoint=true" in refused.stderr
     trusted = subprocess.run(
-        [*evaluation, "trust_checkpoint=true"], cwd=ROOT, env=ENV, capture_output=True, text=True
+        [*evaluation, "trust_checkpoint=true", f"hydra.run.dir={tmp_path / 'eval'}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
     )
     assert trusted.returncode == 0, trusted.stderr[-3000:]
     scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())
