@@ -30,7 +30,7 @@ import socket
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -293,10 +293,23 @@ def _error_line(job_return: JobReturn) -> str:
     return "failed"
 
 
-def _exit_with(error: QAError) -> None:
+def _exit_with(error: QAError) -> NoReturn:
     """The entry points' way (:func:`qa_lightning.cli.report_errors`), outside their reach."""
     print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(2)
+
+
+def _claim_or_exit(start: Any, config: DictConfig, where: Path) -> Path:
+    """``start(config)`` (:func:`start_run` or :func:`start_sweep`); a refusal or a full disk
+    at ``where`` is the entry points' exit 2 with one paragraph."""
+    try:
+        return start(config)
+    except QAError as error:
+        _exit_with(error)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        _exit_with(ResourceError(no_room(where, error)))
 
 
 class RunDir(Callback):
@@ -306,14 +319,7 @@ class RunDir(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_main_process():
             return
-        try:
-            directory = start_run(config)
-        except QAError as error:
-            _exit_with(error)
-        except OSError as error:
-            if not is_disk_full(error):
-                raise
-            _exit_with(ResourceError(no_room(Path(str(config.hydra.run.dir)), error)))
+        directory = _claim_or_exit(start_run, config, Path(str(config.hydra.run.dir)))
         with read_write(config.hydra.run):
             config.hydra.run.dir = str(directory)
 
@@ -321,14 +327,7 @@ class RunDir(Callback):
         if not is_main_process():
             return
         resolved = Path(str(config.hydra.sweep.dir))
-        try:
-            directory = start_sweep(config)
-        except QAError as error:
-            _exit_with(error)
-        except OSError as error:
-            if not is_disk_full(error):
-                raise
-            _exit_with(ResourceError(no_room(resolved, error)))
+        directory = _claim_or_exit(start_sweep, config, resolved)
         if directory != resolved:
             # each job's config is composed anew from the sweep's hydra overrides
             quoted = str(directory).replace("'", "\\'")
