@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
@@ -78,7 +79,7 @@ def test_cpu_trainer_is_fp32(compose_train) -> None:
 def test_default_trainer_on_a_cpu_uses_bf16_only_where_native(
     compose_train, monkeypatch, native_bf16: bool, precision: str
 ) -> None:
-    monkeypatch.setattr(config.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(config, "cpu_supports_bf16", lambda: native_bf16)
     assert compose_train().trainer.precision == precision
 

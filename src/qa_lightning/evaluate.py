@@ -112,6 +112,7 @@ def configure_model_source(cfg: DictConfig, model: GivenModel | None = None) -> 
         return configure_onnx_source(cfg, model)
     with open_dict(cfg):
         cfg.model.keep_layers = None  # the checkpoint's (or directory's) config has its layers
+        cfg.model.ffn_width = None  # ... and its feed-forward width
         if model.key == "ckpt_path":
             ckpt_path = cfg.ckpt_path
             checkpoint = read_checkpoint(ckpt_path, trust_setting(cfg))

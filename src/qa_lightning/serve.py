@@ -41,8 +41,9 @@ def model_source(cfg: DictConfig) -> Any:
 
 
 def serve(cfg: DictConfig) -> None:
-    """Check the config and the model (loaded once here on the CPU, so that a bad path or
-    setting is a one-paragraph error), then run the server until SIGTERM or Ctrl-C."""
+    """Check the config and the model (loaded once on the CPU in a process of its own, so that
+    a bad path or setting is a one-paragraph error and this process holds no model), then run
+    the server until SIGTERM or Ctrl-C."""
     try:
         from qa_lightning.serving import server
     except ImportError as error:
@@ -53,10 +54,9 @@ def serve(cfg: DictConfig) -> None:
     settings = server.ServeSettings(**OmegaConf.to_container(cfg.serve, resolve=True))
     source = model_source(cfg)
     server.check_port(settings)
-    answerer = source.load("cpu")
-    info = server.describe(answerer, source)
-    del answerer  # the inference workers load their own
-    app = server.build_server(source, settings, info)
+    facts = server.inspect_apart(source)
+    app = server.build_server(source, settings, facts)
+    info = facts.info
     server.run_server(app, settings, f"{info['model']} ({info['backend']}, {info['precision']})")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from qa_lightning.core import hardware
 from qa_lightning.core.hardware import (
@@ -54,15 +55,18 @@ def test_cpuinfo_flags_are_words_of_flags_lines():
 
 def test_unreadable_cpuinfo_falls_back_to_torch(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "CPUINFO", tmp_path / "missing")
-    monkeypatch.setattr(hardware, "_torch_detects_bf16", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert cpu_supports_bf16() is True
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert cpu_supports_bf16() is False
 
 
 def test_warning_only_for_bf16_on_a_cpu_without_it(monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(AVX2_ONLY)
     monkeypatch.setattr(hardware, "CPUINFO", cpuinfo)
-    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     message = cpu_bf16_warning("cpu", "bf16-mixed")
     assert message is not None and "trainer=cpu" in message and "bf16-mixed" in message
     assert cpu_bf16_warning("auto", "bf16-true") is not None
@@ -108,8 +112,8 @@ def test_int8_warning_only_on_a_cpu_without_int8_dot_products(monkeypatch, tmp_p
 
 def test_unreadable_cpuinfo_asks_torch_for_vnni(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "CPUINFO", tmp_path / "missing")
-    monkeypatch.setattr(hardware.torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
-    monkeypatch.setattr(hardware.torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert cpu_supports_int8_dot() is False
-    monkeypatch.setattr(hardware.torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
     assert cpu_supports_int8_dot() is True

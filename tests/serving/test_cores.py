@@ -214,7 +214,7 @@ def test_a_batch_counts_as_busy_while_it_is_answered() -> None:
 
     api = server.QuestionAnsweringAPI(server.ModelSource(backend="torch"), cores=share)
     api.answerer = Answerer()
-    api.predict([("q", "c", 1, None)])
+    api.predict([("q", "c", 1, None, "r")])
     assert seen == [1] and share.busy == 0
 
 

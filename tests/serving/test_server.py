@@ -5,6 +5,7 @@ batched; every endpoint; bad requests get a JSON 4xx naming the problem, and the
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,8 +56,10 @@ def test_serving_is_logged_once_health_answers(server, tiny_model_dir) -> None:
     log = server.log()
     serving = log.index(line)
     assert f"at http://127.0.0.1:{server.port}/" in log[serving:]
-    assert log.rindex('"GET /health HTTP/1.1" 200', 0, serving) > log.rindex("Uvicorn running")
+    assert log.rindex('"GET /health" 200 OK', 0, serving) > log.rindex("Uvicorn running")
     assert log.count("Loading weights: 100%") <= 1  # the start-up check at most, not each worker
+    # the workers log as the main process does, to the same places
+    assert re.search(r"\]\[INFO\] - inference worker 0 \(process \d+\) answers on cpu", log), log
 
 
 def test_health_and_info(server, tiny_model_dir) -> None:
@@ -267,7 +270,15 @@ def scrape(server, **kwargs) -> dict[tuple, float]:
     }
 
 
-def test_metrics_count_known_traffic_exactly(server, tiny_model_dir) -> None:
+def test_metrics_count_known_traffic_exactly(server, answerer, tiny_model_dir) -> None:
+    passes = []  # the windows of each forward pass of one good request
+
+    def counted(batch):
+        passes.append(len(batch["input_ids"]))
+        return answerer.logits_fn(batch)
+
+    answerer.replaced(counted).answer([QUESTIONS[0]], [CONTEXT], 1)
+    assert sum(passes) > 1  # the context is longer than a window
     before = scrape(server)
     good = {"question": QUESTIONS[0], "context": CONTEXT}
     for body, times in [(good, 3), ({"question": ""}, 2)]:
@@ -292,6 +303,8 @@ def test_metrics_count_known_traffic_exactly(server, tiny_model_dir) -> None:
     assert added("qa_queue_wait_seconds_bucket", le="+Inf") == 3
     assert added("qa_batch_requests_sum") == 3  # sent one after another: batches of one
     assert added("qa_batch_requests_bucket", le="1.0") == 3
+    assert added("qa_forward_windows_count") == 3 * len(passes)
+    assert added("qa_forward_windows_sum") == 3 * sum(passes)
     durations = "qa_http_request_duration_seconds"
     assert added(f"{durations}_count", route="/predict") == 5
     assert added(f"{durations}_bucket", route="/predict", le="+Inf") == 5
@@ -310,6 +323,15 @@ def test_request_ids_are_taken_or_made_and_sent_back(server) -> None:
     bad = post(server, {"question": ""}, headers={"X-Request-ID": "x" * 200})
     made = [bad.headers["x-request-id"], post(server, good).headers["x-request-id"]]
     assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in made) and made[0] != made[1]
+    # the access log's line of each (uvicorn's own access log is off)
+    deadline = time.monotonic() + 10
+    while f"[request {made[1]}]" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = server.log().splitlines()
+    for rid, status in [("trace-42.a", "200 OK"), (made[0], "422 Unprocessable"), (made[1], "200")]:
+        mine = [line for line in lines if line.endswith(f"[request {rid}]")]
+        assert len(mine) == 1 and f'"POST /predict" {status}' in mine[0], mine
+    assert '"POST /predict HTTP/1.1"' not in server.log()
 
 
 def test_liveness_beside_readiness(server) -> None:

@@ -3,6 +3,7 @@ config checks and the entry point's errors."""
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import time
@@ -98,7 +99,9 @@ def api_with(answerer) -> server.QuestionAnsweringAPI:
 def test_one_answering_call_per_batch_with_each_top_k() -> None:
     answerer = FakeAnswerer()
     api = api_with(answerer)
-    batch = api.batch([("q1", "c1", 1, "a"), ("q2", "c2", 3, None), ("q3", "c3", 2, 5)])
+    batch = api.batch(
+        [("q1", "c1", 1, "a", "r1"), ("q2", "c2", 3, None, "r2"), ("q3", "c3", 2, 5, "r3")]
+    )
     outputs = api.unbatch(api.predict(batch))
     assert answerer.calls == [(["q1", "q2", "q3"], 3)]
     bodies = [api.encode_response(output) for output in outputs]
@@ -110,12 +113,32 @@ def test_one_answering_call_per_batch_with_each_top_k() -> None:
     ]
 
 
-def test_a_request_the_model_fails_on_does_not_fail_its_batch() -> None:
+def test_a_request_the_model_fails_on_does_not_fail_its_batch(caplog) -> None:
+    from qa_lightning.serving.metrics import tag_log_records
+
+    tag_log_records()
     api = api_with(FakeAnswerer(fail_on="bad"))
-    outputs = api.predict([("good", "c", 1, 1), ("bad", "c", 1, 2)])
+    with caplog.at_level("ERROR", logger="qa_lightning.serving.server"):
+        outputs = api.predict([("good", "c", 1, 1, "req-g"), ("bad", "c", 1, 2, "req-b")])
     good, bad = (api.encode_response(output) for output in outputs)
     assert good["answers"][0]["answer"] == "good-0"
     assert bad.status_code == 500 and b"could not answer" in bad.body
+    # every line names the requests it is about: the batch's, then the one that failed alone
+    assert [record.getMessage() for record in caplog.records] == [
+        "answering a batch of 2 failed; answering one by one [request req-g,req-b]",
+        "answering one request failed [request req-b]",
+    ]
+    logging_after = logging.getLogger("qa_lightning").makeRecord("x", 20, "f", 1, "m", (), None)
+    assert logging_after.getMessage() == "m"  # outside a request, lines are as they were
+
+
+def test_the_request_id_travels_with_the_request_to_the_worker() -> None:
+    import pickle
+
+    request = server.AnswerRequest(question="q", context="c", id=3)
+    request._request_id = "trace-9"
+    api = api_with(FakeAnswerer())
+    assert api.decode_request(pickle.loads(pickle.dumps(request))) == ("q", "c", 1, 3, "trace-9")
 
 
 @pytest.mark.parametrize(
@@ -163,7 +186,10 @@ def test_drain_window_is_at_least_the_request_timeout(tmp_path) -> None:
         (server.ServeSettings(timeout=45.0), 45.0),
         (server.ServeSettings(timeout=5.0, drain_timeout=60.0), 60.0),
     ]:
-        assert server.build_server(source, settings, {}).uvicorn_graceful_timeout == drain
+        assert (
+            server.build_server(source, settings, server.ModelFacts()).uvicorn_graceful_timeout
+            == drain
+        )
 
 
 @pytest.mark.parametrize(
@@ -237,7 +263,7 @@ def test_every_error_is_json(tmp_path) -> None:
     from fastapi.testclient import TestClient
 
     source = server.ModelSource(backend="torch", device="cpu", model_dir=str(tmp_path))
-    app = server.build_server(source, server.ServeSettings(), {}).app
+    app = server.build_server(source, server.ServeSettings(), server.ModelFacts()).app
 
     async def fails() -> None:
         raise RuntimeError("a bug")
@@ -286,7 +312,9 @@ def test_openapi_pages_are_off_with_a_key(tmp_path) -> None:
 
     source = server.ModelSource(backend="torch", device="cpu", model_dir=str(tmp_path))
     for key, status in [(None, 200), ("k", 404)]:
-        app = server.build_server(source, server.ServeSettings(api_key=key), {}).app
+        app = server.build_server(
+            source, server.ServeSettings(api_key=key), server.ModelFacts()
+        ).app
         client = TestClient(app, base_url="http://127.0.0.1")
         for path in ("/docs", "/redoc", "/openapi.json"):
             assert client.get(path).status_code == status, (key, path)

@@ -1,5 +1,5 @@
 """The ``postprocess.*`` config: its types and the decoding rule
-(:func:`~qa_lightning.answers.postprocess.decoding_problem`), checked before any heavy work.
+(:func:`~qa_lightning.answers.decoding.decoding_problem`), checked before any heavy work.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from qa_lightning.answers.postprocess import REFERENCE_DECODING, decoding_problem
+from qa_lightning.answers.decoding import REFERENCE_DECODING, decoding_problem
 from qa_lightning.core.config import check_types, is_finite_number, require
 from qa_lightning.core.errors import invalid_config
 

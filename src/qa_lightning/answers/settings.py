@@ -11,10 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from qa_lightning.answers.postprocess import (
-    REFERENCE_DECODING,
-    decoding_problem,
-)
+from qa_lightning.answers.decoding import REFERENCE_DECODING, decoding_problem
 from qa_lightning.core.config import type_problem
 from qa_lightning.core.errors import ConfigError
 from qa_lightning.core.integrity import manifest_problems, write_atomic

@@ -15,7 +15,6 @@ from dataclasses import MISSING, Field, fields
 from importlib import resources
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
@@ -59,6 +58,8 @@ def auto_precision(device: str | None = None) -> str:
     ``bf16-mixed`` on GPUs that support it, ``16-mixed`` on other GPUs; on the CPU
     ``bf16-mixed`` where it computes bf16 natively (same F1 as fp32 within 0.2 on the shared
     split, faster: see docs/accuracy.md), else fp32."""
+    import torch  # here: the server's HTTP process reads configs and holds no torch
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(device).type == "cuda":

@@ -1,10 +1,11 @@
-"""What the machine does fast: native bf16 arithmetic and int8 dot products on the CPU."""
+"""What the machine does fast: native bf16 arithmetic and int8 dot products on the CPU.
+
+torch is imported only where ``/proc/cpuinfo`` cannot answer (and for CUDA), so that the
+processes that answer no question (the server's HTTP process) do not load it."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
 
 #: ``/proc/cpuinfo`` flags of native bf16 arithmetic: x86 AVX512-BF16 and AMX-BF16 (Intel Xeon
 #: Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later) and the aarch64 BF16 extension.
@@ -41,12 +42,14 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
         try:
             cpuinfo = CPUINFO.read_text()
         except OSError:
-            return _torch_detects_bf16()
+            return _torch_cpu_has("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return bool(cpuinfo_flags(cpuinfo) & BF16_FLAGS)
 
 
-def _torch_detects_bf16() -> bool:
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+def _torch_cpu_has(*checks: str) -> bool:
+    """Whether one of PyTorch's CPU feature ``checks`` (``torch.cpu._is_..._supported``) holds."""
+    import torch
+
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
@@ -60,6 +63,8 @@ def cpu_bf16_warning(
 
     ``key`` names the setting and ``fp32`` the override that runs in fp32 instead.
     """
+    import torch
+
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if not on_cpu or not str(precision).startswith("bf16") or cpu_supports_bf16():
         return None
@@ -84,8 +89,7 @@ def cpu_supports_int8_dot(cpuinfo: str | None = None) -> bool:
         try:
             cpuinfo = CPUINFO.read_text()
         except OSError:
-            checks = ("_is_vnni_supported", "_is_amx_tile_supported")
-            return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+            return _torch_cpu_has("_is_vnni_supported", "_is_amx_tile_supported")
     return bool(cpuinfo_flags(cpuinfo) & INT8_DOT_FLAGS)
 
 

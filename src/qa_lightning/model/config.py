@@ -1,5 +1,5 @@
 """The ``model.*`` config: the types and ranges of its optimisation values, the layers a student
-keeps and the optimizer, checked before any model is loaded.
+keeps, their feed-forward width and the optimizer, checked before any model is loaded.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def validate_model_config(model: DictConfig) -> None:
         from qa_lightning.model.layers import validate_keep_layers
 
         validate_keep_layers(model)
+    if model.get("ffn_width") is not None:
+        from qa_lightning.model.width import validate_ffn_width
+
+        validate_ffn_width(model)
     optimizer = model.get("optimizer")
     require(
         isinstance(optimizer, DictConfig) and "_target_" in optimizer,

@@ -11,18 +11,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from transformers import AutoConfig, AutoModelForQuestionAnswering, get_scheduler
+from transformers import get_scheduler
 
 from qa_lightning.answers.metrics import squad_v1_scores, squad_v2_scores
 from qa_lightning.answers.postprocess import best_window_spans, example_answers, window_rows
-from qa_lightning.core.errors import ConfigError
 from qa_lightning.core.plain import plain
-from qa_lightning.core.tokenizer import OFFLINE_HINT
 from qa_lightning.data.collate import MODEL_INPUTS
 from qa_lightning.model.distillation import batch_distillation_loss, mixed_loss
 from qa_lightning.model.files import CHECKPOINT_KEY as MODEL_FILES_KEY
 from qa_lightning.model.files import model_files
-from qa_lightning.model.layers import select_layers
+from qa_lightning.model.loading import load_qa_model
 
 log = logging.getLogger(__name__)
 
@@ -37,62 +35,6 @@ V2_LOGGED = (
 #: Devices with a fused AdamW kernel (one pass over all parameters, no per-tensor dispatch).
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
-
-
-def load_qa_model(
-    name_or_path: str,
-    from_scratch: bool = False,
-    config_overrides: dict | None = None,
-    keep_layers: list[int] | None = None,
-    trained_head: bool = False,
-) -> torch.nn.Module:
-    """A pretrained QA model, or with ``from_scratch`` a randomly initialised one whose config is
-    ``name_or_path``'s updated with ``config_overrides`` (e.g. a 2-layer model for tests); with
-    ``keep_layers`` only those transformer layers of it (a student, see :mod:`.layers`). With
-    ``trained_head`` (a model to answer with), weights that ``name_or_path`` lacks, such as the
-    QA head of a base encoder, are a :class:`ConfigError` instead of random values.
-
-    Weights are fp32 whatever the checkpoint stores or the config's ``dtype`` says (transformers
-    5 builds and loads in that dtype, common on the hub as float16/bfloat16): mixed precision
-    trains fp32 master weights, 16-mixed's grad scaler rejects fp16, and fp32 weights loaded back
-    into a rebuilt model (a checkpoint, a teacher, the fp32 reference of the int8 check) must not
-    be rounded. The model's config then says float32.
-    """
-    overrides = {
-        key: value
-        for key, value in (config_overrides or {}).items()
-        if key not in ("dtype", "torch_dtype")
-    }
-    try:
-        if from_scratch:
-            config = AutoConfig.from_pretrained(name_or_path, **overrides)
-            model = AutoModelForQuestionAnswering.from_config(config, dtype=torch.float32)
-        else:
-            model, loading = AutoModelForQuestionAnswering.from_pretrained(
-                name_or_path, dtype=torch.float32, output_loading_info=True, **overrides
-            )
-            if trained_head and loading["missing_keys"]:
-                missing = ", ".join(sorted(loading["missing_keys"]))
-                raise ConfigError(
-                    f"'{name_or_path}' is not a question-answering model: it lacks {missing}, "
-                    "which would answer with random weights (a base encoder, such as the demo "
-                    "model's package, has no QA head). Fine-tune it first: python -m "
-                    f"qa_lightning.train model.name_or_path={name_or_path} ..., then answer with "
-                    "the run's hf_model/."
-                )
-        model.float()
-        model.config.dtype = torch.float32
-    except ConfigError:
-        raise
-    except Exception as error:  # hub, file and config errors come in many types
-        text = str(error).strip().splitlines()
-        raise ConfigError(
-            f"could not load model '{name_or_path}' ({type(error).__name__}: "
-            f"{text[0] if text else ''}). Check model.name_or_path"
-            + (" and model.config_overrides" if config_overrides else "")
-            + f". {OFFLINE_HINT}"
-        ) from error
-    return model if keep_layers is None else select_layers(model, keep_layers)
 
 
 class QAModule(L.LightningModule):
@@ -127,6 +69,7 @@ class QAModule(L.LightningModule):
         null_score_diff_threshold: float | str = 0.0,
         keep_layers: list[int] | None = None,
         distill: dict[str, Any] | None = None,
+        ffn_width: int | None = None,
     ) -> None:
         super().__init__()
         config_overrides = plain(config_overrides)  # saved as a plain dict in checkpoints
@@ -137,7 +80,9 @@ class QAModule(L.LightningModule):
         # callbacks.hparams_summary
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
-        self.model = self.load_model(name_or_path, from_scratch, config_overrides, keep_layers)
+        self.model = self.load_model(
+            name_or_path, from_scratch, config_overrides, keep_layers, ffn_width
+        )
         # from_pretrained returns eval mode and Lightning keeps submodule modes: train with dropout
         self.model.train()
         if compile:
@@ -164,9 +109,12 @@ class QAModule(L.LightningModule):
         from_scratch: bool,
         config_overrides: dict[str, Any] | None,
         keep_layers: list[int] | None = None,
+        ffn_width: int | None = None,
     ) -> torch.nn.Module:
         """The QA model this module runs (a subclass may run another kind, e.g. ONNX)."""
-        return load_qa_model(name_or_path, from_scratch, config_overrides, keep_layers)
+        return load_qa_model(
+            name_or_path, from_scratch, config_overrides, keep_layers, ffn_width=ffn_width
+        )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})

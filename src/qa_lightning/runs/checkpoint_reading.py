@@ -30,7 +30,12 @@ from qa_lightning.answers.settings import InferenceSettings, check_model_dir
 from qa_lightning.core.errors import ConfigError, ExportError
 from qa_lightning.core.integrity import CHUNK
 from qa_lightning.core.plain import plain
-from qa_lightning.core.tokenizer import check_tokenizer_fits, load_tokenizer, model_vocab_size
+from qa_lightning.core.tokenizer import (
+    check_tokenizer_fits,
+    load_model_config,
+    load_tokenizer,
+    model_vocab_size,
+)
 from qa_lightning.model.files import CHECKPOINT_KEY as MODEL_FILES_KEY
 from qa_lightning.model.files import has_config, has_tokenizer, write_model_files
 
@@ -193,7 +198,8 @@ def check_resumable(checkpoint: dict[str, Any], ckpt_path: str | Path, key: str)
 def checkpoint_model_config(checkpoint: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:
     """``name_or_path`` and ``config_overrides`` of the checkpoint's ``QAModule``: the config
     that builds its architecture. A student (``keep_layers``) is ``name_or_path``'s config with
-    ``num_hidden_layers`` = the number of layers it kept."""
+    ``num_hidden_layers`` = the number of layers it kept; a narrowed one (``ffn_width``) with
+    ``intermediate_size`` (DistilBERT: ``hidden_dim``) = ``ffn_width``."""
     hparams = checkpoint.get("hyper_parameters") or {}
     if "name_or_path" not in hparams:
         raise ConfigError(
@@ -203,6 +209,17 @@ def checkpoint_model_config(checkpoint: dict[str, Any], ckpt_path: str | Path) -
     overrides = plain(hparams.get("config_overrides"))
     if hparams.get("keep_layers") is not None:
         overrides = {**(overrides or {}), "num_hidden_layers": len(hparams["keep_layers"])}
+    if hparams.get("ffn_width") is not None:
+        from qa_lightning.model.width import size_key
+
+        files = checkpoint.get(MODEL_FILES_KEY)
+        if has_config(files):
+            model_type = files["config"].get("model_type", "")
+        else:  # the base's config file (no weights): which key holds the width
+            purpose = "to rebuild its model.ffn_width"
+            config = load_model_config(str(hparams["name_or_path"]), overrides, purpose)
+            model_type = config.model_type
+        overrides = {**(overrides or {}), size_key(model_type): int(hparams["ffn_width"])}
     return {"name_or_path": str(hparams["name_or_path"]), "config_overrides": overrides}
 
 
@@ -302,7 +319,7 @@ def tuned_null_threshold(checkpoint: dict[str, Any], ckpt_path: str | Path) -> f
 def load_checkpoint(ckpt_path: str | Path, trust: bool = False) -> Exported:
     """The Hugging Face model inside a training checkpoint, with its tokenizer and settings
     (``null_score_diff_threshold=best`` resolved to the tuned threshold)."""
-    from qa_lightning.model import load_qa_model
+    from qa_lightning.model.loading import load_qa_model
 
     checkpoint = read_checkpoint(ckpt_path, trust)
     model_config = checkpoint_model_config(checkpoint, ckpt_path)
@@ -344,7 +361,7 @@ def load_checkpoint(ckpt_path: str | Path, trust: bool = False) -> Exported:
 def load_model_dir(model_dir: str | Path) -> Exported:
     """An exported Hugging Face directory, loaded back (checked against its manifest, and its
     tokenizer against the model's vocabulary)."""
-    from qa_lightning.model import load_qa_model
+    from qa_lightning.model.loading import load_qa_model
 
     if not Path(model_dir).is_dir():
         raise ConfigError(f"model_dir='{model_dir}' is not a directory.")

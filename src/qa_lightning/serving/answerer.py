@@ -119,7 +119,7 @@ class QuestionAnswerer:
 
         ``settings`` that are ``None`` come from the directory's ``qa_lightning.json``.
         """
-        from qa_lightning.model import load_qa_model
+        from qa_lightning.model.loading import load_qa_model
 
         model_dir = _existing_dir(model_dir, "model_dir")
         _check_batch_size(batch_size)

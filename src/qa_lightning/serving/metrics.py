@@ -1,14 +1,18 @@
 """What the HTTP server shows its operators: Prometheus metrics (``GET /metrics``, with
 prometheus_client), a request id for every request (``X-Request-ID``, taken from the request or
-made, and sent back) and an access log of one JSON line per request (``serve.access_log=json``).
+made, sent back, and ending every log line written for the request, in the HTTP process and in
+the inference worker that answers it) and an access log of one line per request
+(``serve.access_log=text``, or ``json``).
 
-All of it lives in the HTTP (API) process, which answers every request and ``/metrics``: the
-counts need no sharing between processes.
+The HTTP counts live in the HTTP (API) process, which answers every request and ``/metrics``;
+what the inference workers measure reaches it through shared memory (:class:`SharedHistogram`).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextvars
+import http
 import itertools
 import json
 import logging
@@ -42,7 +46,31 @@ ROUTES = ("/predict", "/health", "/livez", "/info", "/metrics", "/")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: requests per batch: up to serve.max_batch_size
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+#: windows per forward pass of the model: up to a batch of ``batch_size`` windows
+WINDOW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 ACCESS_LOGS = ("text", "json", "off")
+#: The request id (in an inference worker: the ids of the batch, comma-separated) that the code
+#: running now works for; every log line made meanwhile ends with it (:func:`tag_log_records`).
+REQUEST_IDS: contextvars.ContextVar[str] = contextvars.ContextVar("qa_request_ids", default="")
+
+
+def tag_log_records() -> None:
+    """From now on, in this process, a log record made while :data:`REQUEST_IDS` is set ends
+    with ``[request ID]`` (its ``request_id`` attribute holds the id too). Ids hold no ``%``
+    (:data:`REQUEST_ID`), so the message's own ``%`` formatting is untouched."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "tags_requests", False):
+        return
+
+    def tagged(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        record.request_id = REQUEST_IDS.get()
+        if record.request_id and isinstance(record.msg, str):
+            record.msg = f"{record.msg} [request {record.request_id}]"
+        return record
+
+    tagged.tags_requests = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(tagged)
 
 
 class SharedHistogram:
@@ -95,6 +123,12 @@ class WorkerMetrics:
             BATCH_BUCKETS,
             workers,
         )
+        self.forward_windows = SharedHistogram(
+            "qa_forward_windows",
+            "Windows the model ran on together, in one forward pass",
+            WINDOW_BUCKETS,
+            workers,
+        )
 
 
 class ServerMetrics:
@@ -112,6 +146,7 @@ class ServerMetrics:
         if of_workers is not None:
             self.registry.register(of_workers.queue_wait)
             self.registry.register(of_workers.batch_requests)
+            self.registry.register(of_workers.forward_windows)
         self.requests = Counter(
             "qa_http_requests",
             "HTTP requests answered, by route and status",
@@ -147,7 +182,7 @@ class ServerMetrics:
 
 
 def access_logger() -> logging.Logger:
-    """One JSON object a line on standard output, nothing else on those lines."""
+    """The access log: one line per request on standard output, nothing else on those lines."""
     logger = logging.getLogger("qa_lightning.serving.access")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
@@ -160,13 +195,15 @@ def access_logger() -> logging.Logger:
 
 class Observed:
     """ASGI middleware (the outermost): a request id for each request, sent back in its
-    ``X-Request-ID`` header; the request counted and timed in ``metrics``; with
-    ``access_log="json"`` one JSON line per request."""
+    ``X-Request-ID`` header and set in :data:`REQUEST_IDS` while the request is handled; the
+    request counted and timed in ``metrics``; with ``access_log`` ``text`` or ``json`` one
+    access-log line per request (:func:`access_text`, :func:`access_line`)."""
 
     def __init__(self, app: Any, metrics: ServerMetrics, access_log: str) -> None:
         self.app = app
         self.metrics = metrics
-        self.log = access_logger() if access_log == "json" else None
+        self.access_log = access_log
+        self.log = access_logger() if access_log != "off" else None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -176,6 +213,7 @@ class Observed:
         given = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        token = REQUEST_IDS.set(request_id)
         status = 500  # an exception that escapes every handler
 
         async def send_with_id(message: dict[str, Any]) -> None:
@@ -188,10 +226,13 @@ class Observed:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            REQUEST_IDS.reset(token)
             seconds = time.perf_counter() - started
             self.metrics.observe(scope["path"], status, seconds)
             if self.log is not None:
-                self.log.info(json.dumps(access_line(scope, status, seconds, request_id)))
+                fields = access_line(scope, status, seconds, request_id)
+                text = json.dumps(fields) if self.access_log == "json" else access_text(fields)
+                self.log.info(text)
 
 
 def access_line(scope: Any, status: int, seconds: float, request_id: str) -> dict[str, Any]:
@@ -206,3 +247,16 @@ def access_line(scope: Any, status: int, seconds: float, request_id: str) -> dic
         "status": status,
         "duration_ms": round(seconds * 1000, 2),
     }
+
+
+def access_text(fields: dict[str, Any]) -> str:
+    """An access-log line as people read them: ``TIME CLIENT "METHOD PATH" STATUS PHRASE
+    DURATION [request ID]``."""
+    try:
+        phrase = http.HTTPStatus(fields["status"]).phrase
+    except ValueError:
+        phrase = ""
+    return (
+        f'{fields["time"]} {fields["client"]} "{fields["method"]} {fields["path"]}" '
+        f"{fields['status']} {phrase} {fields['duration_ms']} ms [request {fields['request_id']}]"
+    )

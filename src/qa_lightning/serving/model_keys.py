@@ -14,12 +14,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qa_lightning.core.errors import ConfigError
-from qa_lightning.model.logits import TorchLogits, resolve_device, resolve_precision
-from qa_lightning.runs.checkpoint_reading import load_checkpoint
-from qa_lightning.serving.answerer import QuestionAnswerer
+
+if TYPE_CHECKING:
+    from qa_lightning.serving.answerer import QuestionAnswerer
 
 log = logging.getLogger(__name__)
 #: The keys, in the order the messages name them, and what each names.
@@ -205,7 +205,12 @@ def load_answerer(
 ) -> QuestionAnswerer:
     """The :class:`QuestionAnswerer` of ``model``: PyTorch on ``device`` in ``precision`` for a
     ``model_dir`` or ``ckpt_path`` (a checkpoint's embedded model, tokenizer and settings),
-    onnxruntime for an ``onnx_path``. ``settings`` that are not ``None`` replace the model's."""
+    onnxruntime for an ``onnx_path``. ``settings`` that are not ``None`` replace the model's.
+    (Its imports are here: the server's HTTP process checks the keys and holds no torch.)"""
+    from qa_lightning.model.logits import TorchLogits, resolve_device, resolve_precision
+    from qa_lightning.runs.checkpoint_reading import load_checkpoint
+    from qa_lightning.serving.answerer import QuestionAnswerer
+
     check_onnx_precision(model, precision)
     if model.key == "onnx_path":
         return QuestionAnswerer.from_onnx(model.path, model.tokenizer_dir, batch_size, **settings)

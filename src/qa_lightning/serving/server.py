@@ -30,6 +30,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from queue import Empty
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import litserve as ls
 from fastapi import Depends, HTTPException, Request
@@ -48,7 +49,7 @@ from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.server import RegularRequestHandler
 from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, StrictInt, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,10 +57,19 @@ from tqdm import tqdm
 
 from qa_lightning.answers.ranking import Answer
 from qa_lightning.core.errors import ConfigError
-from qa_lightning.model.logits import TorchLogits, resolve_device, resolve_precision
-from qa_lightning.serving.answerer import QuestionAnswerer
 from qa_lightning.serving.cores import CoreShare, CountedQueue, SharedLogits, auto_workers
-from qa_lightning.serving.metrics import ACCESS_LOGS, Observed, ServerMetrics, WorkerMetrics
+from qa_lightning.serving.metrics import (
+    ACCESS_LOGS,
+    REQUEST_IDS,
+    Observed,
+    ServerMetrics,
+    SharedHistogram,
+    WorkerMetrics,
+    tag_log_records,
+)
+
+if TYPE_CHECKING:  # the model's modules (torch) are imported where a model is loaded
+    from qa_lightning.serving.answerer import QuestionAnswerer
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +103,8 @@ class AnswerRequest(BaseModel):
     context: StrictStr
     top_k: StrictInt | None = None
     id: Any = None
+    #: the request's id (``X-Request-ID``), set in the HTTP process for the worker's log lines
+    _request_id: str = PrivateAttr(default="")
 
     #: limits, set by :func:`build_server` in the process that checks requests
     max_context_chars: ClassVar[int] = 100_000
@@ -318,51 +330,39 @@ class ModelSource:
                 "share the cores among the workers (see conf/serve.yaml)."
             )
 
-    def load(self, device: str = "cpu") -> QuestionAnswerer:
+    def load(self, device: str = "cpu") -> "QuestionAnswerer":
         """The answerer, on ``device`` (the PyTorch backends), with ``threads`` if given."""
         answerer = self._load(device)
         if self.threads:
             answerer = answerer.replaced(answerer.logits_fn.with_threads(self.threads))
         return answerer
 
-    def _load(self, device: str) -> QuestionAnswerer:
+    def _load(self, device: str) -> "QuestionAnswerer":
+        from qa_lightning.serving.model_keys import GivenModel, load_answerer
+
         if self.backend == "onnx":
-            return self._batching(
-                QuestionAnswerer.from_onnx(
-                    self.onnx_path, self.model_dir, self.batch_size, **self.settings
-                )
-            )
-        if self.ckpt_path:
-            from qa_lightning.runs.checkpoint_reading import load_checkpoint
-
-            device = resolve_device(device)
-            precision = resolve_precision(self.precision, device)
-            exported = load_checkpoint(self.ckpt_path, self.trust_checkpoint)
-            logits_fn = TorchLogits(exported.model, device, precision)
-            return self._batching(
-                QuestionAnswerer(
-                    exported.tokenizer,
-                    logits_fn,
-                    exported.settings.updated(**self.settings),
-                    self.batch_size,
-                    equal_length=logits_fn.device.type == "cpu",
-                )
-            )
-        return self._batching(
-            QuestionAnswerer.from_model_dir(
-                self.model_dir, device, self.batch_size, self.precision, **self.settings
-            )
+            tokenizer_dir = Path(self.model_dir) if self.model_dir else None
+            model = GivenModel("onnx_path", Path(str(self.onnx_path)), tokenizer_dir)
+        elif self.ckpt_path:
+            model = GivenModel("ckpt_path", Path(self.ckpt_path))
+        else:
+            model = GivenModel("model_dir", Path(str(self.model_dir)))
+        answerer = load_answerer(
+            model, device, self.batch_size, self.precision, self.trust_checkpoint, **self.settings
         )
+        return self._batching(answerer)
 
-    def _batching(self, answerer: QuestionAnswerer) -> QuestionAnswerer:
+    def _batching(self, answerer: "QuestionAnswerer") -> "QuestionAnswerer":
         if self.equal_length is None or self.equal_length == answerer.equal_length:
             return answerer
         return answerer.replaced(equal_length=self.equal_length)
 
 
-def describe(answerer: QuestionAnswerer, source: ModelSource) -> dict[str, Any]:
+def describe(answerer: "QuestionAnswerer", source: "ModelSource") -> dict[str, Any]:
     """``/info``'s ``model``: the model, backend, precision, settings and version."""
     from importlib.metadata import version
+
+    from qa_lightning.model.logits import resolve_device, resolve_precision
 
     if source.backend == "torch":
         precision = resolve_precision(source.precision, resolve_device(source.device))
@@ -448,6 +448,59 @@ class GreedyBatchingLoop(BatchedLoop):
         return payloads, timed_out
 
 
+class CountedWindows:
+    """A model function that counts the windows of each forward pass in ``histogram`` (as
+    worker ``worker``), for ``qa_forward_windows``."""
+
+    def __init__(self, logits_fn: Any, histogram: SharedHistogram, worker: int) -> None:
+        self.logits_fn, self.histogram, self.worker = logits_fn, histogram, worker
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        self.histogram.observe(self.worker, len(batch["input_ids"]))
+        return self.logits_fn(batch)
+
+
+@dataclass(frozen=True)
+class WorkerLogging:
+    """Where and how the main process logs (its root handlers: the console and Hydra's
+    ``serve.log``), captured when the server is built and set up again in each inference worker
+    (a spawned process, which starts with no logging), so that the workers' lines look like the
+    main process's and go to the same places."""
+
+    #: ``(stream name or file path, format, date format)`` of each handler
+    handlers: tuple[tuple[str, str | None, str | None], ...] = ()
+    level: int = logging.INFO
+
+    @classmethod
+    def capture(cls) -> "WorkerLogging":
+        root = logging.getLogger()
+        found = []
+        for handler in root.handlers:
+            formatter = handler.formatter or logging.Formatter()
+            fmt, datefmt = formatter._fmt, formatter.datefmt
+            if isinstance(handler, logging.FileHandler):
+                found.append((handler.baseFilename, fmt, datefmt))
+            elif isinstance(handler, logging.StreamHandler):
+                name = "stdout" if handler.stream is sys.stdout else "stderr"
+                found.append((name, fmt, datefmt))
+        return cls(tuple(found), root.level)
+
+    def apply(self) -> None:
+        from qa_lightning.core.quiet import quiet_libraries
+
+        root = logging.getLogger()
+        for where, fmt, datefmt in self.handlers:
+            if where in ("stdout", "stderr"):
+                handler: logging.Handler = logging.StreamHandler(getattr(sys, where))
+            else:
+                handler = logging.FileHandler(where, encoding="utf-8")  # appends
+            handler.setFormatter(logging.Formatter(fmt, datefmt))
+            root.addHandler(handler)
+        root.setLevel(self.level)
+        quiet_libraries()
+        tag_log_records()
+
+
 class WorkerPids:
     """The process ids of the inference workers in shared memory: each worker writes its own
     at set-up (one LitServe restarts, too), and the API process reads them to tell which run."""
@@ -480,6 +533,10 @@ def process_runs(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] not in "TtZXx"  # the state, after "pid (name) "
 
 
+#: a request as the worker takes it: question, context, top_k, the echoed id, the request id
+Decoded = tuple[str, str, int, Any, str]
+
+
 class QuestionAnsweringAPI(ls.LitAPI):
     """The LitServe API: a request is ``(question, context, top_k, id)``; a batch of them is
     answered by one :meth:`QuestionAnswerer.answer` call (their windows batched together), with
@@ -508,10 +565,13 @@ class QuestionAnsweringAPI(ls.LitAPI):
         self.observed: WorkerMetrics | None = None
         #: LitServe's index of the worker this copy runs in (set in :meth:`setup`)
         self.worker_id = 0
+        #: how the worker logs (set by :func:`build_server`)
+        self.logging = WorkerLogging()
 
     def setup(self, device: str) -> None:
         from transformers.utils import logging as hf_logging
 
+        self.logging.apply()
         self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         if self.pids is not None:
             self.pids.register(self.worker_id)
@@ -522,13 +582,16 @@ class QuestionAnsweringAPI(ls.LitAPI):
         # multiprocessing one: a named semaphore this worker would leak when it is stopped
         tqdm.set_lock(threading.RLock())
         self.answerer = self.source.load(device)
-        # described before sharing: SharedLogits hides the ONNX model's quantization
-        log.info("answering on %s: %s", device, describe(self.answerer, self.source))
+        log.info(
+            "inference worker %d (process %d) answers on %s", self.worker_id, os.getpid(), device
+        )
+        logits_fn = self.answerer.logits_fn
         if self.cores is not None:
             # pools that spin after a pass would take the cores from the other workers
-            spin = self.cores.workers == 1
-            shared = SharedLogits(self.answerer.logits_fn, self.cores, spin)
-            self.answerer = self.answerer.replaced(shared)
+            logits_fn = SharedLogits(logits_fn, self.cores, spin=self.cores.workers == 1)
+        if self.observed is not None:
+            logits_fn = CountedWindows(logits_fn, self.observed.forward_windows, self.worker_id)
+        self.answerer = self.answerer.replaced(logits_fn)
 
     def authorize(self, request: Request) -> None:
         """LitServe's authentication hook: with an API key, every path but :data:`OPEN_PATHS`
@@ -543,36 +606,51 @@ class QuestionAnsweringAPI(ls.LitAPI):
                 "(the server's serve.api_key).",
             )
 
-    def decode_request(self, request: AnswerRequest) -> tuple[str, str, int, Any]:
-        return request.question, request.context, request.top_k or 1, request.id
+    def decode_request(self, request: AnswerRequest) -> Decoded:
+        return (
+            request.question,
+            request.context,
+            request.top_k or 1,
+            request.id,
+            request._request_id,
+        )
 
-    def batch(self, inputs: list[tuple[str, str, int, Any]]) -> list[tuple[str, str, int, Any]]:
+    def batch(self, inputs: list[Decoded]) -> list[Decoded]:
         return list(inputs)
 
-    def predict(self, requests: list[tuple[str, str, int, Any]]) -> list[Any]:
+    def predict(self, requests: list[Decoded]) -> list[Any]:
         """The answers of each request (or the exception that answering it alone raised: one
-        request the model cannot answer does not fail the others of its batch)."""
-        questions, contexts, top_ks, ids = (list(column) for column in zip(*requests, strict=True))
-        with self.cores.claim(self.worker_id) if self.cores else contextlib.nullcontext():
-            try:
-                found = self.answerer.answer(questions, contexts, max(top_ks))
-            except Exception:
-                log.exception("answering a batch of %d failed; answering one by one", len(ids))
-                found = [
-                    self._answer_alone(q, c, k)
-                    for q, c, k in zip(questions, contexts, top_ks, strict=True)
-                ]
+        request the model cannot answer does not fail the others of its batch). Log lines made
+        meanwhile end with the request ids of the batch."""
+        questions, contexts, top_ks, ids, request_ids = (
+            list(column) for column in zip(*requests, strict=True)
+        )
+        token = REQUEST_IDS.set(",".join(request_ids))
+        try:
+            with self.cores.claim(self.worker_id) if self.cores else contextlib.nullcontext():
+                try:
+                    found = self.answerer.answer(questions, contexts, max(top_ks))
+                except Exception:
+                    log.exception("answering a batch of %d failed; answering one by one", len(ids))
+                    found = [self._answer_alone(*request[:3], request[4]) for request in requests]
+        finally:
+            REQUEST_IDS.reset(token)
         return [
             (qid, answers if isinstance(answers, Exception) else answers[:k])
             for qid, answers, k in zip(ids, found, top_ks, strict=True)
         ]
 
-    def _answer_alone(self, question: str, context: str, top_k: int) -> list[Answer] | Exception:
+    def _answer_alone(
+        self, question: str, context: str, top_k: int, request_id: str
+    ) -> list[Answer] | Exception:
+        token = REQUEST_IDS.set(request_id)
         try:
             return self.answerer.answer([question], [context], top_k)[0]
         except Exception as error:
             log.exception("answering one request failed")
             return error
+        finally:
+            REQUEST_IDS.reset(token)
 
     def unbatch(self, output: list[Any]) -> list[Any]:
         return output
@@ -724,6 +802,8 @@ class DeadlineRequestHandler(RegularRequestHandler):
 
     async def handle_request(self, request: Any, request_type: Any) -> Any:
         payload = await self._prepare_request(request, request_type)
+        if isinstance(payload, AnswerRequest):
+            payload._request_id = REQUEST_IDS.get()  # for the worker's log lines
         uid, _ = await self._submit_request(payload)
         event = asyncio.Event()
         self.server.response_buffer[uid] = ResponseBufferItem(event)
@@ -856,14 +936,51 @@ class QAServer(ls.LitServer):
             self._shutdown_event.set()
 
 
-def build_server(source: ModelSource, serve: ServeSettings, model_info: dict[str, Any]) -> QAServer:
-    """The LitServe server: the API, its limits, error bodies, ``/info`` and the page."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the server needs to know of its model and machine, found by :func:`inspect_model`
+    where torch is loaded: ``/info``'s ``model``, torch's intra-op threads (the cores, or
+    ``OMP_NUM_THREADS``), and LitServe's accelerator and devices."""
+
+    info: dict[str, Any] = field(default_factory=dict)
+    cores: int = 1
+    accelerator: str = "cpu"
+    devices: int | list[int] = 1
+
+
+def inspect_model(source: ModelSource) -> ModelFacts:
+    """Load the model once on the CPU (a bad path or setting is a one-paragraph
+    :class:`ConfigError` here, before any worker starts) and describe it."""
     import torch
 
+    accelerator, devices = _devices(source)
+    answerer = source.load("cpu")
+    return ModelFacts(describe(answerer, source), torch.get_num_threads(), accelerator, devices)
+
+
+def inspect_apart(source: ModelSource) -> ModelFacts:
+    """:func:`inspect_model` in a process of its own, which exits after it: the server's main
+    process (and the HTTP and manager processes forked from it) then holds no model and no
+    torch; only the inference workers do."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            return pool.submit(inspect_model, source).result()
+    except BrokenProcessPool as error:
+        raise ConfigError(
+            "the process loading the model to check it died (out of memory?); check the model "
+            "path and the machine's free memory."
+        ) from error
+
+
+def build_server(source: ModelSource, serve: ServeSettings, facts: ModelFacts) -> QAServer:
+    """The LitServe server: the API, its limits, error bodies, ``/info`` and the page."""
     AnswerRequest.max_context_chars = serve.max_context_chars
     AnswerRequest.max_top_k = serve.max_top_k
-    accelerator, devices = _devices(source)
-    cores = torch.get_num_threads()  # torch's default: the cores (or OMP_NUM_THREADS)
+    accelerator, devices, cores = facts.accelerator, facts.devices, facts.cores
     workers = serve.workers_per_device
     if workers == "auto":
         workers = auto_workers(accelerator, cores)
@@ -881,7 +998,7 @@ def build_server(source: ModelSource, serve: ServeSettings, model_info: dict[str
         timeout=serve.timeout,
         max_payload_size=serve.max_body_bytes,
         model_metadata={
-            **model_info,
+            **facts.info,
             "workers": workers,
             "threads": threads,
             "serve": _public(serve),
@@ -929,7 +1046,9 @@ def build_server(source: ModelSource, serve: ServeSettings, model_info: dict[str
         return PlainTextResponse("ok")  # liveness: the HTTP process answers
 
     api.observed = WorkerMetrics(server.workers)
-    metrics = ServerMetrics(model_info, server.workers, server.answering, api.observed)
+    api.logging = WorkerLogging.capture()
+    tag_log_records()  # before the HTTP process is forked from this one
+    metrics = ServerMetrics(facts.info, server.workers, server.answering, api.observed)
 
     async def scrape() -> Response:
         text, content_type = metrics.scrape()
@@ -953,6 +1072,8 @@ def _devices(source: ModelSource) -> tuple[str, int | list[int]]:
     """LitServe's accelerator and devices for the source's ``device`` (``cuda:N``: the GPU of
     index N; the ONNX backend runs on the CPU)."""
     import torch
+
+    from qa_lightning.model.logits import resolve_device
 
     if source.backend == "onnx":
         return "cpu", 1
@@ -1044,7 +1165,7 @@ def run_server(server: QAServer, serve: ServeSettings, what: str) -> None:
             log_level=serve.log_level,
             generate_client_file=False,
             num_api_servers=1,
-            access_log=serve.access_log == "text",
+            access_log=False,  # the access log is Observed's, with request ids
         )
     finally:
         stopped.set()
