@@ -572,6 +572,9 @@ class QuestionAnsweringAPI(ls.LitAPI):
         from transformers.utils import logging as hf_logging
 
         self.logging.apply()
+        # Ctrl-C reaches every process of the terminal's group: the main process stops the
+        # workers (SIGTERM), which would otherwise each print a KeyboardInterrupt traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         if self.pids is not None:
             self.pids.register(self.worker_id)
@@ -933,7 +936,8 @@ class QAServer(ls.LitServer):
         for process in self.api_servers.values():
             process.join(self.uvicorn_graceful_timeout + 5)
         if self._shutdown_event is not None:
-            self._shutdown_event.set()
+            with contextlib.suppress(OSError, EOFError):  # the manager got the signal too
+                self._shutdown_event.set()
 
 
 @dataclass(frozen=True)
@@ -1141,6 +1145,7 @@ def run_server(server: QAServer, serve: ServeSettings, what: str) -> None:
     and return. ``serving WHAT at URL`` is logged once ``/health`` answers."""
     main_pid = os.getpid()
     stopped = threading.Event()
+    terminated = threading.Event()
     host = f"[{serve.host}]" if ":" in serve.host else serve.host
     threading.Thread(
         target=announce_when_ready,
@@ -1155,6 +1160,7 @@ def run_server(server: QAServer, serve: ServeSettings, what: str) -> None:
             os.kill(os.getpid(), signum)
             return
         log.info("SIGTERM: finishing the requests in flight, then stopping")
+        terminated.set()
         threading.Thread(target=server.drain, name="qa-drain", daemon=True).start()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
@@ -1166,6 +1172,17 @@ def run_server(server: QAServer, serve: ServeSettings, what: str) -> None:
             generate_client_file=False,
             num_api_servers=1,
             access_log=False,  # the access log is Observed's, with request ids
+        )
+    except (OSError, EOFError):
+        if not terminated.is_set():
+            raise
+        # LitServe's manager process is gone: SIGTERM went to every process of the server
+        # (systemd's default KillMode, kill -- -PGID), not to this one alone
+        log.warning(
+            "stopped without finishing the requests in flight: SIGTERM reached all of the "
+            "server's processes at once; send it to the main process only (PID %d; systemd: "
+            "KillMode=mixed) to let it finish them",
+            main_pid,
         )
     finally:
         stopped.set()
