@@ -16,12 +16,22 @@ distilled student of ``--model``), timed as PyTorch fp32 and bf16-mixed against 
 (their int8 exports go into ``--int8``). Tokenisation of the data module is not timed; model
 loading is not timed.
 
+Predict also answers the questions in a shuffled order (untimed) and counts the best answers
+that change: a model whose answers depend on the other questions of a batch changes some.
+``--mechanisms`` quantises the model with the default recipe in each way int8 activations can be
+quantised, instead of one int8 export: dynamic, run in batches as before (each input's scale from
+the whole padded batch), dynamic run one window at a time (as predict, evaluate and serve run it),
+and static with the scales calibrated on ``--calibration-windows`` windows of the shared training
+questions (percentile and entropy).
+
     python benchmarks/int8_throughput.py --model RUN/hf_model [--repeats 2] [--limit N] \
-        [--int8 EXPORT_DIR ...] [--students STUDENT/hf_model ...] [--no-predict]
+        [--int8 EXPORT_DIR ...] [--students STUDENT/hf_model ...] [--no-predict] \
+        [--mechanisms [--calibration-windows 256]]
 """
 
 from __future__ import annotations
 
+import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +39,7 @@ from typing import Any
 
 import common
 
+from qa_lightning.answers.metrics import squad_v1_scores
 from qa_lightning.core.hardware import cpu_supports_bf16, cpu_supports_int8_dot
 from qa_lightning.data import SquadDataModule
 from qa_lightning.model import QAModule
@@ -37,9 +48,43 @@ from qa_lightning.model.onnx_model import OnnxQAModule
 from qa_lightning.runs.checkpoint_reading import load_model_dir
 from qa_lightning.serving.answerer import QuestionAnswerer
 from qa_lightning.serving.exports import export_onnx
-from qa_lightning.serving.int8 import QuantizationRecipe, quantize_onnx
+from qa_lightning.serving.int8 import QuantizationRecipe, calibration_windows, quantize_onnx
 
 BASELINE = "PyTorch fp32"
+#: ``--mechanisms``: the int8 exports compared (name -> recipe) and the name of the dynamic
+#: export that also runs in batches as before (padded, every window of a batch in one pass)
+MECHANISMS = {
+    "ONNX int8 dynamic, a window at a time": QuantizationRecipe(),
+    "ONNX int8 static, percentile": QuantizationRecipe(activations="static"),
+    "ONNX int8 static, entropy": QuantizationRecipe(
+        activations="static", calibration_method="entropy"
+    ),
+}
+BATCHED = "ONNX int8 dynamic, batched (before)"
+#: the seed of the shuffled order of the questions
+SHUFFLE_SEED = 0
+
+
+def export_mechanisms(exported: Any, fp32_path: Path, windows: int, quick: bool) -> dict[str, Path]:
+    """The :data:`MECHANISMS` exports of ``fp32_path``, beside it (name -> ONNX file); static
+    ones calibrated on ``windows`` windows of the shared training questions."""
+    calibration = calibration_windows(
+        exported.tokenizer, exported.settings, common.TRAIN_FILE, 32 if quick else windows
+    )
+    paths = {}
+    for i, (name, recipe) in enumerate(MECHANISMS.items()):
+        paths[name] = fp32_path.with_name(f"model_int8_{i}.onnx")
+        quantize_onnx(fp32_path, paths[name], recipe, calibration=calibration)
+    return {BATCHED: paths[next(iter(MECHANISMS))], **paths}
+
+
+def answers_in_order(answerer: QuestionAnswerer, questions: list, contexts: list, order: list):
+    """The best answer (text, start, end) of each question, asked in ``order``, in file order."""
+    found = answerer.answer([questions[i] for i in order], [contexts[i] for i in order])
+    best: list[Any] = [None] * len(order)
+    for answers, i in zip(found, order, strict=True):
+        best[i] = (answers[0].text, answers[0].start, answers[0].end) if answers else ("", 0, 0)
+    return best
 
 
 def main() -> None:
@@ -54,9 +99,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each; the fastest counts")
     parser.add_argument("--no-predict", action="store_true", help="time evaluation only")
+    parser.add_argument(
+        "--mechanisms", action="store_true", help="int8 with dynamic and static activations"
+    )
+    parser.add_argument("--calibration-windows", type=int, default=256, help="static int8")
     args = parser.parse_args()
     if args.quick:
         args.limit = args.limit or 64
+    if args.mechanisms and args.int8:
+        parser.error("--mechanisms makes its own int8 exports: leave out --int8")
     model_dir = common.setup(args)
     exported = load_model_dir(model_dir)
     settings = exported.settings
@@ -65,6 +116,10 @@ def main() -> None:
         fp32_path = export_onnx(exported, Path(tmp) / "onnx_model")
         if args.int8:
             int8_paths = {f"ONNX int8 ({Path(d).name})": Path(d) / "model.onnx" for d in args.int8}
+        elif args.mechanisms:
+            int8_paths = export_mechanisms(
+                exported, fp32_path, args.calibration_windows, args.quick
+            )
         else:
             int8_paths = {"ONNX int8": Path(tmp) / "onnx_model" / "model_int8.onnx"}
             quantize_onnx(fp32_path, int8_paths["ONNX int8"], QuantizationRecipe())
@@ -109,11 +164,14 @@ def main() -> None:
                 )
         for name, path in {"ONNX fp32": fp32_path, **int8_paths}.items():
             module = OnnxQAModule(str(path), name_or_path=onnx_dir, **decoding)
+            module.model.session.unpadded = name != BATCHED
             variants[name] = (module, "32-true", module.model.session)
         trainers = {p: common.cpu_trainer(p) for _, p, _ in variants.values()}
 
         examples = datamodule.val_examples
         questions, contexts = examples["question"][:], examples["context"][:]
+        shuffled = list(range(len(questions)))
+        random.Random(SHUFFLE_SEED).shuffle(shuffled)
 
         def evaluate(name: str) -> Callable[[], Any]:
             module, precision, _ = variants[name]
@@ -124,11 +182,15 @@ def main() -> None:
 
             return run
 
-        def predict(name: str) -> Callable[[], Any]:
-            answerer = QuestionAnswerer(
+        def answerer(name: str) -> QuestionAnswerer:
+            return QuestionAnswerer(
                 exported.tokenizer, variants[name][2], settings, args.batch_size
             )
-            return lambda: [a[0].text if a else "" for a in answerer.answer(questions, contexts)]
+
+        def predict(name: str) -> Callable[[], Any]:
+            return lambda: [
+                a[0].text if a else "" for a in answerer(name).answer(questions, contexts)
+            ]
 
         seconds = {(n, task): float("inf") for n in variants for task in ("eval", "predict")}
         results: dict[tuple[str, str], Any] = {}
@@ -140,6 +202,18 @@ def main() -> None:
                 for task, fn in tasks.items():
                     results[name, task], elapsed = common.timed(fn)
                     seconds[name, task] = min(seconds[name, task], elapsed)
+        changed = {}  # best answers that another order of the questions changes
+        if not args.no_predict:
+            for name in variants:
+                ordered = answers_in_order(
+                    answerer(name), questions, contexts, list(range(len(questions)))
+                )
+                again = answers_in_order(answerer(name), questions, contexts, shuffled)
+                changed[name] = sum(a != b for a, b in zip(ordered, again, strict=True))
+        references = {
+            str(i): list(answers["text"]) or [""]
+            for i, answers in enumerate(examples["answers"][:])
+        }
 
     base_eval = seconds[BASELINE, "eval"]
     base_answers = results[BASELINE, "eval"][1]
@@ -158,15 +232,26 @@ def main() -> None:
             base_predict = seconds[BASELINE, "predict"]
             texts, base_texts = results[name, "predict"], results[BASELINE, "predict"]
             same_predict = sum(a == b for a, b in zip(texts, base_texts, strict=True))
+            predicted = squad_v1_scores({str(i): t for i, t in enumerate(texts)}, references)
             row += [
                 seconds[name, "predict"],
+                f"{len(texts) / seconds[name, 'predict']:.1f}",
                 f"{base_predict / seconds[name, 'predict']:.2f}x",
+                f"{predicted['f1']:.2f}",
                 f"{100 * same_predict / len(texts):.1f}",
+                changed[name],
             ]
         rows.append(row)
     headers = ["model", "evaluate, s", "vs fp32", "EM / F1", "same answer, %"]
     if not args.no_predict:
-        headers += ["predict, s", "vs fp32", "same answer, %"]
+        headers += [
+            "predict, s",
+            "questions/s",
+            "vs fp32",
+            "F1",
+            "same answer, %",
+            "changed by order",
+        ]
     common.print_table(
         f"int8 vs fp32 on the CPU, {common.model_name(model_dir)}, {len(questions)} validation "
         f"questions, batch {args.batch_size}, best of {args.repeats} ({common.machine()}; int8 "
@@ -176,7 +261,8 @@ def main() -> None:
     )
     for name, recipe in recipes.items():
         ratio = base_eval / seconds[name, "eval"]
-        keys = ("fuse", "per_channel", "reduce_range", "op_types", "exclude")
+        keys = ("fuse", "per_channel", "reduce_range", "op_types", "exclude", "activations")
+        keys += ("calibration_method",) if recipe.get("activations") == "static" else ()
         print(
             f"{name}: {', '.join(f'{k}={recipe.get(k)}' for k in keys)}; evaluation vs fp32 "
             f"PyTorch {ratio:.2f}x (>= 2.0x: {common.verdict(ratio, 2.0)})"

@@ -200,3 +200,20 @@ def test_matches_reference_double_loop(n_best, max_answer_length):
             ref = (-math.inf, 0, 0)
         assert scores[example] == pytest.approx(float(ref[0]))
         assert (starts[example], ends[example]) == ref[1:]
+
+
+def test_tied_candidates_are_taken_in_token_order_whatever_the_padding():
+    """int8 logits tie often: the candidates kept (``n_best``) and the answers ranked must not
+    depend on how long the batch padded the window."""
+    start = logits(t3=2.0, t4=2.0, t5=2.0, t6=2.0)
+    end = logits(t5=1.0, t6=1.0, t7=1.0, t8=1.0)
+    found = []
+    for padding in (0, 1, 7, 300):
+        pad = torch.full((1, padding), -1e9)
+        offsets = OFFSETS + [NO] * padding
+        found.append(
+            best(torch.cat([start, pad], 1), torch.cat([end, pad], 1), offsets, n_best=2, top_k=3)
+        )
+    # n_best=2 keeps starts 3, 4 and ends 5, 6 (token order); the best span is (3, 5)
+    assert found[0] == ([3.0, 3.0, 3.0], [0, 0, 2], [5, 7, 5])
+    assert all(result == found[0] for result in found)

@@ -42,8 +42,8 @@ def best_window_spans(
     """
     start_logits, end_logits = start_logits.float(), end_logits.float()
     k = min(n_best, start_logits.shape[1])
-    start_values, start_tokens = start_logits.topk(k, dim=1)
-    end_values, end_tokens = end_logits.topk(k, dim=1)
+    start_values, start_tokens = _top(start_logits, k)
+    end_values, end_tokens = _top(end_logits, k)
     token_starts = offsets[..., 0]
     start_in_context = token_starts.gather(1, start_tokens) != NO_OFFSET
     end_in_context = token_starts.gather(1, end_tokens) != NO_OFFSET
@@ -56,7 +56,7 @@ def best_window_spans(
     )
     scores = start_values[:, :, None] + end_values[:, None, :]
     scores = scores.masked_fill(~valid, float("-inf")).flatten(1)
-    top_scores, flat = scores.topk(min(top_k, scores.shape[1]), dim=1)
+    top_scores, flat = _top(scores, min(top_k, scores.shape[1]))
     best_start_tokens = start_tokens.gather(1, flat // k)
     best_end_tokens = end_tokens.gather(1, flat % k)
     return WindowSpans(
@@ -65,6 +65,14 @@ def best_window_spans(
         end_chars=offsets[..., 1].gather(1, best_end_tokens),
         null_scores=start_logits[:, 0] + end_logits[:, 0],
     )
+
+
+def _top(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values of each row and their indices, equal values in index order
+    (``topk`` orders ties by how the row was laid out: a window's candidates would then depend
+    on its padding, and so on the other windows of its batch)."""
+    ordered, index = values.sort(dim=1, descending=True, stable=True)
+    return ordered[:, :k], index[:, :k]
 
 
 def window_rows(example_index: torch.Tensor, spans: WindowSpans) -> torch.Tensor:

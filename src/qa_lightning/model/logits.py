@@ -1,5 +1,8 @@
 """Models as logits functions: a collated batch of windows -> ``(start_logits, end_logits)`` on the
 CPU, run with PyTorch (fp32 or autocast) or with onnxruntime; the device and precision they run in.
+
+A quantised ONNX model never sees padding or other windows: its logits of a window do not depend
+on the batch it comes in (see :class:`OnnxLogits`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from qa_lightning.core.config import auto_precision
@@ -23,6 +27,9 @@ log = logging.getLogger(__name__)
 OUTPUT_NAMES = ("start_logits", "end_logits")
 #: Metadata key of a quantised ONNX model: its recipe as JSON (:mod:`qa_lightning.serving.int8`).
 QUANTIZATION_METADATA_KEY = "qa_lightning.quantization"
+#: The logit of a padding position of a window run unpadded (:class:`OnnxLogits`): no span can
+#: start or end there, nor take a place among a window's ``n_best`` starts or ends.
+PADDING_LOGIT = float(np.finfo(np.float32).min)
 #: ``precision`` of the PyTorch backend -> autocast dtype (``None``: fp32), as Lightning names them.
 AUTOCAST_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -67,7 +74,16 @@ class TorchLogits:
 class OnnxLogits:
     """An ONNX export (see :mod:`qa_lightning.export`) run with onnxruntime: ``threads`` intra-op
     threads (``None``: onnxruntime's default, one per physical core), which keep spinning after a
-    run unless ``spin`` is false (right when other processes want the cores)."""
+    run unless ``spin`` is false (right when other processes want the cores).
+
+    A quantised model (its recipe in the model's metadata, :data:`QUANTIZATION_METADATA_KEY`)
+    answers each window as if it were asked alone, so that an answer does not depend on the
+    other questions of a batch, their order or the padding: its windows are run without padding
+    (trimmed to their attention mask; the padding positions get :data:`PADDING_LOGIT`), those of
+    one length together when its activations' scales are fixed (``"activations": "static"``),
+    and each window in a forward pass of its own when they are dynamic (onnxruntime quantises
+    an operator's input with one scale per tensor, from the range of the whole batch).
+    """
 
     def __init__(
         self,
@@ -104,6 +120,9 @@ class OnnxLogits:
         quantization = metadata.get(QUANTIZATION_METADATA_KEY)
         #: the recipe of a quantised export (``None``: fp32)
         self.quantization = json.loads(quantization) if quantization else None
+        #: a quantised model's windows run unpadded (see above); ``False``: batches as they
+        #: come, padding and all (what a benchmark compares with)
+        self.unpadded = True
         if self.quantization and (warning := cpu_int8_warning(f"onnx_path='{onnx_path}' (int8)")):
             log.warning(warning)
 
@@ -120,8 +139,38 @@ class OnnxLogits:
                 "export the ONNX model from the same model directory as the tokenizer."
             )
         feeds = {name: batch[name].numpy() for name in self.input_names}
-        start_logits, end_logits = self.session.run(list(OUTPUT_NAMES), feeds)
+        if self.quantization is None or not self.unpadded:
+            start_logits, end_logits = self.session.run(list(OUTPUT_NAMES), feeds)
+        else:
+            start_logits, end_logits = self._run_unpadded(feeds, batch.get("attention_mask"))
         return torch.from_numpy(start_logits).float(), torch.from_numpy(end_logits).float()
+
+    @property
+    def dynamic(self) -> bool:
+        """A quantised model whose activations are quantised at run time, from each batch's
+        range (the recipes before ``activations`` were all dynamic)."""
+        return bool(self.quantization) and self.quantization.get("activations") != "static"
+
+    def _run_unpadded(
+        self, feeds: dict[str, np.ndarray], attention_mask: torch.Tensor | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The logits of each window run without padding: alone (:attr:`dynamic`), else with
+        the batch's other windows of its length; padding positions get :data:`PADDING_LOGIT`."""
+        rows, length = next(iter(feeds.values())).shape
+        lengths = (
+            attention_mask.sum(1).numpy() if attention_mask is not None else np.full(rows, length)
+        )
+        start = np.full((rows, length), PADDING_LOGIT, dtype=np.float32)
+        end = np.full((rows, length), PADDING_LOGIT, dtype=np.float32)
+        if self.dynamic:
+            groups = [np.array([row]) for row in range(rows)]
+        else:
+            groups = [np.flatnonzero(lengths == n) for n in np.unique(lengths)]
+        for group in groups:
+            real = int(lengths[group[0]])  # the collator pads on the right
+            window = {name: np.ascontiguousarray(v[group, :real]) for name, v in feeds.items()}
+            start[group, :real], end[group, :real] = self.session.run(list(OUTPUT_NAMES), window)
+        return start, end
 
 
 def resolve_device(device: str) -> str:

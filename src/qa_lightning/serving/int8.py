@@ -1,16 +1,25 @@
-"""int8 ONNX exports for CPU serving: onnxruntime dynamic quantisation, and its agreement with fp32.
+"""int8 ONNX exports for CPU serving: onnxruntime dynamic or static quantisation, and its agreement
+with fp32.
 
     python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt format=onnx quantize=int8
 
-Dynamic quantisation stores the weights of the chosen operators as int8 (per output channel or per
-tensor) and quantises their inputs to uint8 at run time, per tensor, from each batch's range;
-everything else stays fp32. Before quantising, onnxruntime's transformer fusions put each layer's
-attention into one ``Attention`` operator (quantised whole). The recipe (``quantization.*`` in
-``conf/export.yaml``) decides speed and accuracy; the default, chosen by measurement, is
-per-channel int8 weights of every fused ``Attention`` and MatMul (see ``docs/int8.md``). It is
-recorded under ``"quantization"`` in the export's ``qa_lightning.json`` and in the ONNX model's
-metadata, which :class:`~qa_lightning.model.logits.OnnxLogits` reads to warn on CPUs without int8
-dot products.
+Both store the weights of the chosen operators as int8 (per output channel or per tensor) and
+quantise their inputs to uint8; everything else stays fp32. Dynamic quantisation (the default)
+computes an input's scale at run time, per tensor, from the range of what it is given, so
+:class:`~qa_lightning.model.logits.OnnxLogits` runs such a model one window at a time: a
+question's answer does not depend on the others of its batch. Static quantisation
+(``quantization.activations=static``) fixes the scales at export, from the ranges calibrated on
+``calibration_windows`` windows of training questions (``calibration_method``), and quantises
+the operators' inputs with ``QuantizeLinear`` nodes (onnxruntime's QDQ format). Before
+quantising, onnxruntime's transformer fusions put each layer's attention into one ``Attention``
+operator: dynamic quantisation quantises it whole; static quantisation has no int8
+``Attention``, so the fused attention stays fp32 there (``fuse=false`` leaves the attention as
+MatMuls, quantised like the others). The recipe (``quantization.*`` in ``conf/export.yaml``)
+decides speed and accuracy; the default, chosen by measurement, is dynamic, per-channel int8
+weights of every fused ``Attention`` and MatMul (see ``docs/int8.md``). It is recorded under
+``"quantization"`` in the export's ``qa_lightning.json`` and in the ONNX model's metadata, which
+:class:`~qa_lightning.model.logits.OnnxLogits` reads to run the model and to warn on CPUs without
+int8 dot products.
 
 The export checks what ships: the fused fp32 graph against PyTorch (``atol``) before it is
 quantised, then the int8 file's answers against fp32 PyTorch's on a sample of validation
@@ -22,21 +31,25 @@ fp32's, or without gold answers a mean overlap F1 with fp32's answers below ``mi
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qa_lightning.core.config import check_types
 from qa_lightning.core.errors import ConfigError, ExportError
+from qa_lightning.data.collate import MODEL_INPUTS
 from qa_lightning.model.logits import QUANTIZATION_METADATA_KEY, LogitsFn, OnnxLogits, TorchLogits
 from qa_lightning.serving.answerer import QuestionAnswerer
 
@@ -54,6 +67,18 @@ DYNAMIC_OP_TYPES = (
     "Transpose",
     "EmbedLayerNormalization",
 )
+#: ``quantization.activations``: scales computed at run time from each input, or fixed at export.
+ACTIVATIONS = ("dynamic", "static")
+#: What static quantisation handles of :data:`DYNAMIC_OP_TYPES`. It has no int8 ``Attention``:
+#: the fused attention stays fp32 (``fuse=false``: the attention's MatMuls are quantised).
+STATIC_OP_TYPES = ("MatMul", "Attention", "Gather", "Conv", "Transpose")
+#: ``quantization.calibration_method`` -> onnxruntime's ``CalibrationMethod`` (the ranges of
+#: static activations: the largest seen, a percentile (99.999) of the absolute values, or the
+#: threshold that loses the least information, by KL divergence).
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+#: The seed of the sample of calibration questions (not the agreement check's 42, which the
+#: validation file may also give).
+CALIBRATION_SEED = 0
 #: Key of the recipe and its check in ``qa_lightning.json`` (the model metadata uses
 #: :data:`~qa_lightning.model.logits.QUANTIZATION_METADATA_KEY`).
 SETTINGS_KEY = "quantization"
@@ -71,7 +96,10 @@ class QuantizationRecipe:
     ``op_types``: the operator types quantised; ``exclude``: regular expressions of node names
     kept fp32 (e.g. ``qa_outputs`` for the QA head, ``layer\\.5/`` for the last layer of a
     6-layer model: its MatMuls, and with ``fuse`` its fused attention, see
-    :func:`name_fused_nodes`); a pattern that matches no node stops the export.
+    :func:`name_fused_nodes`); a pattern that matches no node stops the export;
+    ``activations``: ``dynamic`` (scales at run time) or ``static`` (scales calibrated at export
+    on ``calibration_windows`` windows of ``calibration_file``, by default the checkpoint's
+    training file, with ``calibration_method``: ``minmax``, ``percentile`` or ``entropy``).
     """
 
     fuse: bool = True
@@ -85,15 +113,41 @@ class QuantizationRecipe:
         default=(),
         metadata={"fix": "give a list, e.g. quantization.exclude=[qa_outputs]."},
     )
+    activations: str = "dynamic"
+    calibration_method: str = "percentile"
+    calibration_windows: int = 256
+    calibration_file: str | None = None
 
     def __post_init__(self) -> None:
         check_types(asdict(self), QuantizationRecipe, "quantization.")
-        unknown = [op for op in self.op_types if op not in DYNAMIC_OP_TYPES]
+        if self.activations not in ACTIVATIONS:
+            raise ConfigError(
+                f"invalid config: quantization.activations={self.activations!r}; use dynamic "
+                "(scales from each window at run time) or static (scales calibrated at export)."
+            )
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"invalid config: quantization.calibration_method={self.calibration_method!r}; "
+                f"use one of {list(CALIBRATION_METHODS)}."
+            )
+        if self.calibration_windows <= 0:
+            raise ConfigError(
+                f"invalid config: quantization.calibration_windows={self.calibration_windows}; "
+                "give the number of windows to calibrate static scales on, e.g. 256."
+            )
+        handled = STATIC_OP_TYPES if self.activations == "static" else DYNAMIC_OP_TYPES
+        unknown = [op for op in self.op_types if op not in handled]
         if not self.op_types or unknown:
             raise ConfigError(
                 f"invalid config: quantization.op_types={list(self.op_types)!r}; give a "
-                "non-empty list of operator types that dynamic quantisation handles: "
-                f"{list(DYNAMIC_OP_TYPES)} (e.g. quantization.op_types=[MatMul])."
+                f"non-empty list of operator types that {self.activations} quantisation "
+                f"handles: {list(handled)} (e.g. quantization.op_types=[MatMul])."
+            )
+        if self.activations == "static" and set(self.op_types) == {"Attention"}:
+            raise ConfigError(
+                "invalid config: quantization.op_types=['Attention'] with "
+                "quantization.activations=static quantises nothing: static quantisation has no "
+                "int8 Attention operator; give quantization.op_types=[MatMul, Attention]."
             )
         for pattern in self.exclude:
             try:
@@ -221,32 +275,98 @@ def excluded_nodes(onnx_path: str | Path, patterns: Sequence[str]) -> list[str]:
     return [name for name in names if any(re.search(p, name) for p in patterns)]
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What static quantisation calibrates its scales on: ``windows``, the model inputs of one
+    window each (unpadded, int64 arrays of shape ``(1, tokens)``), from the questions of
+    ``file``."""
+
+    file: str
+    windows: list[dict[str, np.ndarray]]
+
+
+def calibration_windows(
+    tokenizer: Any, settings: Any, path: str | Path, size: int, seed: int = CALIBRATION_SEED
+) -> Calibration:
+    """Up to ``size`` windows of a sample of the questions of a local SQuAD-format file,
+    windowed as ``predict`` windows them (``settings``: max_length, stride,
+    max_question_tokens)."""
+    from qa_lightning.data.windowing import make_eval_windows, truncate_questions
+
+    questions, contexts, _ = sample_questions(path, size, seed)
+    questions, _ = truncate_questions(tokenizer, questions, settings.max_question_tokens)
+    windows = make_eval_windows(
+        tokenizer, questions, contexts, settings.max_length, settings.stride
+    )
+    names = [name for name in MODEL_INPUTS if name in windows]
+    count = min(size, len(windows["input_ids"]))
+    inputs = [{k: np.asarray([windows[k][i]], dtype=np.int64) for k in names} for i in range(count)]
+    return Calibration(str(path), inputs)
+
+
+class _CalibrationReader:
+    """onnxruntime's ``CalibrationDataReader`` over :class:`Calibration` windows, which it reads
+    ``set_range`` by ``set_range`` (one window each: windows of several lengths cannot share
+    one histogram update, and one at a time holds one window's activations in memory)."""
+
+    def __init__(self, windows: list[dict[str, np.ndarray]], input_names: list[str]) -> None:
+        self.windows = [{k: w[k] for k in input_names} for w in windows]
+        self.set_range(0, len(self.windows))
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next = iter(self.windows[start_index:end_index])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._next, None)
+
+
 def quantize_onnx(
     fp32_path: str | Path,
     int8_path: str | Path,
     recipe: QuantizationRecipe,
     check_fused: Callable[[Path], Any] | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
-    """Quantise ``fp32_path`` dynamically into ``int8_path`` (int8 weights, uint8 activations
-    quantised at run time), after :func:`fuse_transformer_graph` with ``recipe.fuse``; the
-    recipe, as recorded in the model's metadata, is returned. ``check_fused`` is called with the
-    fused fp32 graph, the one quantised, before it is (it raises to stop)."""
+    """Quantise ``fp32_path`` into ``int8_path`` (int8 weights, uint8 activations quantised at
+    run time, or with ``recipe.activations == "static"`` with scales calibrated on
+    ``calibration``), after :func:`fuse_transformer_graph` with ``recipe.fuse``; the recipe, as
+    recorded in the model's metadata, is returned. ``check_fused`` is called with the fused
+    fp32 graph, the one quantised, before it is (it raises to stop)."""
     tools = quantization_tools()
     import onnx
     import onnxruntime
 
+    static = recipe.activations == "static"
+    if static and not (calibration and calibration.windows):
+        raise ExportError(
+            "static quantisation needs calibration windows (quantization.calibration_file): "
+            "none were given."
+        )
     int8_path = Path(int8_path)
     fused = int8_path.with_name(int8_path.name + ".fused")
     partial = int8_path.with_name(int8_path.name + ".part")
     record: dict[str, Any] = {
         "type": "int8",
         "method": "onnxruntime dynamic quantisation: int8 weights, uint8 activations "
-        "quantised at run time",
+        "quantised at run time, each window alone",
         **asdict(recipe),
         "op_types": list(recipe.op_types),
         "exclude": list(recipe.exclude),
         "onnxruntime": onnxruntime.__version__,
     }
+    if static:
+        record["method"] = (
+            "onnxruntime static quantisation (QDQ): int8 weights, uint8 activations with "
+            f"scales calibrated ({recipe.calibration_method}) on {len(calibration.windows)} "
+            "windows"
+        )
+        record["calibration_file"] = calibration.file
+    else:  # the calibration keys say nothing about a dynamic model
+        for key in ("calibration_method", "calibration_windows", "calibration_file"):
+            del record[key]
     root = logging.getLogger()  # onnxruntime's quantiser logs to the root logger
     root.addFilter(_quantizer_warnings)
     try:
@@ -257,17 +377,24 @@ def quantize_onnx(
             if check_fused is not None:
                 check_fused(fused)
         record["excluded_nodes"] = exclude = excluded_nodes(source, recipe.exclude)
-        tools.quantize_dynamic(
-            str(source),
-            str(partial),
-            op_types_to_quantize=list(recipe.op_types),
-            per_channel=recipe.per_channel,
-            reduce_range=recipe.reduce_range,
-            weight_type=tools.QuantType.QInt8,
-            nodes_to_exclude=exclude,
-            # the fused operators are onnxruntime's own, unknown to ONNX shape inference
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        if static:
+            if recipe.fuse:  # types of the fused operators' outputs, which ONNX cannot infer
+                infer_fused_types(fused)
+            quantize_static(tools, source, partial, recipe, exclude, calibration)
+            if recipe.fuse and "Attention" in recipe.op_types:
+                record["method"] += "; the fused Attention operators stay fp32"
+        else:
+            tools.quantize_dynamic(
+                str(source),
+                str(partial),
+                op_types_to_quantize=list(recipe.op_types),
+                per_channel=recipe.per_channel,
+                reduce_range=recipe.reduce_range,
+                weight_type=tools.QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                # the fused operators are onnxruntime's own, unknown to ONNX shape inference
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
         model = onnx.load(str(partial))
         entry = model.metadata_props.add()
         entry.key, entry.value = QUANTIZATION_METADATA_KEY, json.dumps(record)
@@ -286,6 +413,67 @@ def quantize_onnx(
         partial.unlink(missing_ok=True)
         fused.unlink(missing_ok=True)
     return record
+
+
+def quantize_static(
+    tools: ModuleType,
+    source: Path | str,
+    int8_path: Path,
+    recipe: QuantizationRecipe,
+    exclude: Sequence[str],
+    calibration: Calibration,
+) -> None:
+    """onnxruntime's static quantisation of ``source`` into ``int8_path`` (QDQ format, which
+    onnxruntime's CPU kernels fuse into int8 operators): per-channel (``recipe.per_channel``)
+    int8 weights, uint8 activations (as dynamic quantisation, which CPUs without VNNI need), with
+    the activations' ranges of the calibration windows. As in dynamic quantisation, only the
+    MatMuls of a weight (not the attention's products of two activations) are quantised, and
+    their outputs stay fp32."""
+    import onnx
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    weights = {tensor.name for tensor in graph.initializer}
+    # the QDQ quantiser ignores its MatMulConstBOnly option: these are excluded by name
+    products = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+    inputs = [i.name for i in graph.input if i.name not in weights]
+    reader = _CalibrationReader(calibration.windows, inputs)
+    method = getattr(tools.CalibrationMethod, CALIBRATION_METHODS[recipe.calibration_method])
+    with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
+        tools.quantize_static(
+            str(source),
+            str(int8_path),
+            reader,
+            quant_format=tools.QuantFormat.QDQ,
+            op_types_to_quantize=[op for op in recipe.op_types if op != "Attention"],
+            per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
+            activation_type=tools.QuantType.QUInt8,
+            weight_type=tools.QuantType.QInt8,
+            nodes_to_exclude=[*exclude, *products],
+            calibrate_method=method,
+            extra_options={
+                "OpTypesToExcludeOutputQuantization": ["MatMul"],
+                "CalibStridedMinMax": 1,  # one window a collection: see _CalibrationReader
+                "DefaultTensorType": onnx.TensorProto.FLOAT,
+            },
+        )
+
+
+def infer_fused_types(onnx_path: Path) -> None:
+    """Add the shapes and types of every tensor of a fused graph (onnxruntime's symbolic shape
+    inference, which knows its fused operators) to the file, so that static quantisation finds
+    the MatMuls after them (without, it leaves them fp32)."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        model = SymbolicShapeInference.infer_shapes(onnx.load(str(onnx_path)), auto_merge=True)
+    except Exception as error:  # the inference raises many types
+        raise ExportError(
+            f"onnxruntime's shape inference failed on the fused graph ({type(error).__name__}: "
+            f"{str(error).strip()[:200]}); quantise the unfused graph: quantization.fuse=false."
+        ) from error
+    onnx.save(model, str(onnx_path))
 
 
 def fuse_transformer_graph(onnx_path: str | Path, fused_path: str | Path) -> dict[str, int]:
@@ -466,15 +654,42 @@ def sample_questions(
     return examples["question"][:], examples["context"][:], gold
 
 
-def checkpoint_validation_file(ckpt_path: str | Path | None) -> str | None:
-    """The local validation file a checkpoint's data module read, if it still exists."""
+def checkpoint_data_file(ckpt_path: str | Path | None, key: str) -> str | None:
+    """The local data file (``key``: ``train_file``, ``validation_file``) a checkpoint's data
+    module read, if it still exists."""
     if not ckpt_path:
         return None
     from qa_lightning.runs.checkpoint_reading import read_checkpoint
 
     data = read_checkpoint(ckpt_path).get("datamodule_hyper_parameters") or {}
-    path = data.get("validation_file")
+    path = data.get(key)
     return str(path) if path and Path(path).is_file() else None
+
+
+def calibration_file(cfg: DictConfig, recipe: QuantizationRecipe) -> str:
+    """The questions static quantisation calibrates on: ``quantization.calibration_file``, else
+    the checkpoint's training file, else the validation file (``validation_file``, else the
+    checkpoint's); a :class:`ConfigError` when there is none."""
+    ckpt_path = cfg.get("ckpt_path")
+    found = (
+        recipe.calibration_file
+        or checkpoint_data_file(ckpt_path, "train_file")
+        or cfg.get("validation_file")
+        or checkpoint_data_file(ckpt_path, "validation_file")
+    )
+    if not found:
+        where = (
+            "the checkpoint's training and validation files are not local files that exist here"
+            if ckpt_path
+            else "model_dir= has none"
+        )
+        raise ConfigError(
+            "quantization.activations=static calibrates the activations' scales on training "
+            f"questions, but there is no local file of them ({where}): give "
+            "quantization.calibration_file=PATH (a SQuAD json, jsonl or parquet file of "
+            "training questions), or use quantization.activations=dynamic."
+        )
+    return str(found)
 
 
 def check_quantize_config(cfg: DictConfig) -> QuantizationRecipe | None:
@@ -510,13 +725,18 @@ def check_quantize_config(cfg: DictConfig) -> QuantizationRecipe | None:
         raise ConfigError(
             f"invalid config: max_f1_drop={drop!r}; give F1 points in [0, 100], e.g. 1.0."
         )
-    path = cfg.get("validation_file")
-    if path and not Path(path).is_file():
-        raise ConfigError(
-            f"validation_file='{path}' is not a file (resolved to '{Path(path).resolve()}'); give "
-            "a SQuAD json, jsonl or parquet file, or leave it out to use the checkpoint's."
-        )
+    for key, path in (
+        ("validation_file", cfg.get("validation_file")),
+        ("quantization.calibration_file", recipe.calibration_file),
+    ):
+        if path and not Path(path).is_file():
+            raise ConfigError(
+                f"{key}='{path}' is not a file (resolved to '{Path(path).resolve()}'); give a "
+                "SQuAD json, jsonl or parquet file, or leave it out to use the checkpoint's."
+            )
     quantization_tools()
+    if recipe.activations == "static":
+        recipe = replace(recipe, calibration_file=calibration_file(cfg, recipe))
     return recipe
 
 
@@ -556,10 +776,20 @@ def quantize_export(
     def check_fused(fused: Path) -> None:
         checks[FUSED_CHECK] = check_fused_graph(exported, fused, cfg.atol)
 
-    record = quantize_onnx(onnx_path, onnx_path, recipe, check_fused)
+    calibration = None
+    if recipe.activations == "static":
+        calibration = calibration_windows(
+            exported.tokenizer,
+            exported.settings,
+            recipe.calibration_file or calibration_file(cfg, recipe),
+            recipe.calibration_windows,
+        )
+    record = quantize_onnx(onnx_path, onnx_path, recipe, check_fused, calibration)
     int8 = OnnxLogits(onnx_path)  # warns on CPUs without int8 dot products
     reference = TorchLogits(exported.model, "cpu", "32-true")
-    validation_file = cfg.get("validation_file") or checkpoint_validation_file(cfg.get("ckpt_path"))
+    validation_file = cfg.get("validation_file") or checkpoint_data_file(
+        cfg.get("ckpt_path"), "validation_file"
+    )
     if validation_file:
         questions, contexts, gold = sample_questions(validation_file, cfg.validation_samples)
     else:
@@ -590,6 +820,11 @@ def quantize_export(
     }
     record["checks"] = checks
     where = validation_file or "the built-in examples"
+    if calibration is not None:
+        print(
+            f"calibrated the static int8 activation scales ({recipe.calibration_method}) on "
+            f"{len(calibration.windows)} windows of {calibration.file}"
+        )
     if FUSED_CHECK in checks:
         print(
             f"checked the {FUSED_CHECK}: max abs start/end logit difference "
