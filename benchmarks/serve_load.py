@@ -172,17 +172,17 @@ def tree_memory(root: int) -> Memory:
 
 
 def inference_workers(root: int) -> list[int]:
-    """The server's inference workers: the processes of its tree started by multiprocessing's
-    spawn (LitServe starts them so; its HTTP and manager processes are forked, the resource
-    tracker runs ``multiprocessing.resource_tracker``), lowest pid (the first started) first."""
+    """The server's inference workers: the children of its fork server (the process of its
+    tree running ``multiprocessing.forkserver``, which forks every worker), lowest pid (the
+    first started) first."""
     found = []
     for pid in process_tree(root):
         try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+            parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            if b"multiprocessing.forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes():
+                found.append(pid)
+        except (OSError, IndexError):
             continue
-        if b"multiprocessing.spawn" in command:
-            found.append(pid)
     return sorted(found)
 
 

@@ -89,11 +89,18 @@ class ServerProcess:
         return found
 
     def inference_workers(self) -> list[int]:
-        return [
+        """The children of the server's fork server, which forks every inference worker."""
+        forkserver = [
             pid
             for pid in self.children()
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
         ]
+        found = []
+        for pid in forkserver:
+            for path in Path(f"/proc/{pid}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    found += [int(child) for child in path.read_text().split()]
+        return sorted(found)
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:

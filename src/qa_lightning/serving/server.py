@@ -572,9 +572,10 @@ class QuestionAnsweringAPI(ls.LitAPI):
         from transformers.utils import logging as hf_logging
 
         self.logging.apply()
-        # Ctrl-C reaches every process of the terminal's group: the main process stops the
-        # workers (SIGTERM), which would otherwise each print a KeyboardInterrupt traceback
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if multiprocessing.parent_process() is not None:  # a worker process (not a test's)
+            # Ctrl-C reaches every process of the terminal's group: the main process stops the
+            # workers (SIGTERM), which would otherwise each print a KeyboardInterrupt traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         if self.pids is not None:
             self.pids.register(self.worker_id)
@@ -824,18 +825,63 @@ class DeadlineRequestHandler(RegularRequestHandler):
         return response
 
 
+#: What the inference workers import before their model: their fork server imports it once
+#: and every worker (and every restart of one) is forked from it, sharing those pages.
+WORKER_PRELOAD = (
+    "__main__",
+    "qa_lightning.serving.server",
+    "qa_lightning.serving.answerer",
+    "transformers.modeling_utils",
+    "transformers.masking_utils",  # the encoders' masks: imports torch._dynamo, a large part
+    "qa_lightning.serving.preloaded",  # last: freezes what the others made
+)
+
+
+class ForkedWorkers:
+    """``multiprocessing`` as LitServe's worker launch sees it (see
+    :meth:`QAServer.launch_inference_worker`): its ``"spawn"`` context is the ``forkserver``
+    one, whose server process imports :data:`WORKER_PRELOAD` (and onnxruntime for an ONNX
+    model) once. Spawned workers would each import torch and transformers anew: about 250 MiB
+    each that forked ones share (docs/serving.md, memory)."""
+
+    def __init__(self, onnx: bool) -> None:
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload([*WORKER_PRELOAD, *(["onnxruntime"] if onnx else [])])
+
+    def get_context(self, method: str | None = None) -> Any:
+        return self.context if method == "spawn" else multiprocessing.get_context(method)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(multiprocessing, name)
+
+    @contextlib.contextmanager
+    def launching(self) -> Any:
+        """LitServe's module sees this object as ``mp`` while the block runs."""
+        import litserve.server as litserve_server
+
+        saved = litserve_server.mp
+        litserve_server.mp = self
+        try:
+            yield
+        finally:
+            litserve_server.mp = saved
+
+
 class QAServer(ls.LitServer):
     """LitServe's server, keeping its API server processes so that SIGTERM can drain them
-    (see :meth:`drain`), with its request queue counted for ``cores`` (when shared)."""
+    (see :meth:`drain`), with its request queue counted for ``cores`` (when shared) and its
+    inference workers forked from one fork server (:class:`ForkedWorkers`)."""
 
     def __init__(
         self,
         *args: Any,
         cores: CoreShare | None = None,
         pids: WorkerPids | None = None,
+        forked: ForkedWorkers | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.forked = forked
         self.api_servers: dict[int, Any] = {}
         self.sockets: list[Any] = []
         self.cores = cores
@@ -858,6 +904,15 @@ class QAServer(ls.LitServer):
             methods=["POST"],
             dependencies=[Depends(self.setup_auth(lit_api))],
         )
+
+    def launch_inference_worker(self, lit_api: ls.LitAPI) -> list[Any]:
+        with self.forked.launching() if self.forked else contextlib.nullcontext():
+            return super().launch_inference_worker(lit_api)
+
+    def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:
+        """LitServe's restart of a worker that died, forked as the first ones were."""
+        with self.forked.launching() if self.forked else contextlib.nullcontext():
+            return super().launch_single_inference_worker(lit_api, worker_id)
 
     def _init_manager(self, num_api_servers: int) -> Any:
         manager = super()._init_manager(num_api_servers)
@@ -1009,6 +1064,7 @@ def build_server(source: ModelSource, serve: ServeSettings, facts: ModelFacts) -
         },
         cores=shared,
         pids=pids,
+        forked=ForkedWorkers(onnx=source.backend == "onnx"),
         # a worker that dies (the OOM killer) is started again; the others answer meanwhile
         restart_workers=True,
         # the OpenAPI pages (/docs, /redoc, /openapi.json) do not ask for the key: off with one
