@@ -172,17 +172,19 @@ def tree_memory(root: int) -> Memory:
 
 
 def inference_workers(root: int) -> list[int]:
-    """The server's inference workers: the children of its fork server (the process of its
-    tree running ``multiprocessing.forkserver``, which forks every worker), lowest pid (the
-    first started) first."""
+    """The server's inference workers, lowest pid (the first started) first: spawned (one
+    worker: ``multiprocessing.spawn``) or the children of its fork server (several: the process
+    of its tree running ``multiprocessing.forkserver`` forks every worker)."""
     found = []
     for pid in process_tree(root):
         try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
             parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
-            if b"multiprocessing.forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes():
-                found.append(pid)
+            forked = b"multiprocessing.forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
         except (OSError, IndexError):
             continue
+        if forked or b"multiprocessing.spawn" in command:
+            found.append(pid)
     return sorted(found)
 
 

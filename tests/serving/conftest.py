@@ -89,13 +89,13 @@ class ServerProcess:
         return found
 
     def inference_workers(self) -> list[int]:
-        """The children of the server's fork server, which forks every inference worker."""
+        """The inference workers: spawned children of the server (one worker), or the children
+        of its fork server (several)."""
+        commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in self.children()}
+        found = [pid for pid, command in commands.items() if b"spawn_main" in command]
         forkserver = [
-            pid
-            for pid in self.children()
-            if b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            p for p, command in commands.items() if b"multiprocessing.forkserver" in command
         ]
-        found = []
         for pid in forkserver:
             for path in Path(f"/proc/{pid}/task").glob("*/children"):
                 with contextlib.suppress(OSError):

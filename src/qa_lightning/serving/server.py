@@ -842,7 +842,7 @@ class ForkedWorkers:
     :meth:`QAServer.launch_inference_worker`): its ``"spawn"`` context is the ``forkserver``
     one, whose server process imports :data:`WORKER_PRELOAD` (and onnxruntime for an ONNX
     model) once. Spawned workers would each import torch and transformers anew: about 250 MiB
-    each that forked ones share (docs/serving.md, memory)."""
+    each that forked ones share (docs/serving.md, memory). Used with two workers or more."""
 
     def __init__(self, onnx: bool) -> None:
         self.context = multiprocessing.get_context("forkserver")
@@ -1064,7 +1064,8 @@ def build_server(source: ModelSource, serve: ServeSettings, facts: ModelFacts) -
         },
         cores=shared,
         pids=pids,
-        forked=ForkedWorkers(onnx=source.backend == "onnx"),
+        # one worker shares no pages: spawned, it does not pay for a fork server beside it
+        forked=ForkedWorkers(onnx=source.backend == "onnx") if len(pids.pids) > 1 else None,
         # a worker that dies (the OOM killer) is started again; the others answer meanwhile
         restart_workers=True,
         # the OpenAPI pages (/docs, /redoc, /openapi.json) do not ask for the key: off with one
