@@ -194,8 +194,13 @@ def script_extras(words: list[str]) -> list[str]:
     script = Path(words[1]).stem if len(words) > 1 else ""
     if script == "serve_load":
         cheap = ["--questions", "16", "--log-dir", "serve_load_logs"]
-        if words[2:3] == ["load"]:
+        scenario = words[2] if len(words) > 2 else ""
+        if scenario == "load":
             return [*cheap, "--seconds", "1", "--warmup", "0.5"]
+        if scenario == "memory":
+            return [*cheap, "--requests", "16"]
+        if scenario == "killed":
+            return [*cheap, "--clients", "4", "--seconds", "8"]
         return [*cheap, "--clients", "4", "--per-client", "4"]
     return SCRIPT_EXTRAS.get(script, ["--quick"])
 
