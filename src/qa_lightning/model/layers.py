@@ -69,17 +69,18 @@ def validate_keep_layers(model: Any) -> None:
         check_keep_layers(keep_layers, source_num_layers(str(model.name_or_path), overrides))
 
 
-def encoder_layers(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """The module holding the encoder's ``ModuleList`` of layers, and that list's attribute name."""
+def encoder_layers(model: torch.nn.Module, key: str = KEY) -> tuple[torch.nn.Module, str]:
+    """The module holding the encoder's ``ModuleList`` of layers, and that list's attribute name
+    (else a :class:`ConfigError` naming ``key``, the setting that needs them)."""
     base = model.base_model
     for parent_name, list_name in LAYER_LISTS:
         parent = getattr(base, parent_name, None)
         if isinstance(getattr(parent, list_name, None), torch.nn.ModuleList):
             return parent, list_name
     raise ConfigError(
-        f"{KEY} is not supported for {type(model).__name__}: it needs an encoder whose layers "
+        f"{key} is not supported for {type(model).__name__}: it needs an encoder whose layers "
         "are in encoder.layer (BERT, MiniLM, RoBERTa, ELECTRA) or transformer.layer "
-        f"(DistilBERT). Set {KEY}=null."
+        f"(DistilBERT). Set {key}=null."
     )
 
 

@@ -27,7 +27,7 @@ import torch
 
 from qa_lightning.core.errors import ConfigError
 from qa_lightning.core.tokenizer import load_model_config
-from qa_lightning.model.layers import LAYER_LISTS
+from qa_lightning.model.layers import encoder_layers
 
 KEY = "model.ffn_width"
 #: The config key of the feed-forward width, by ``model_type``; all others: ``intermediate_size``.
@@ -135,27 +135,14 @@ def sliced_linear(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> tor
     return sliced.train(linear.training)
 
 
-def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The encoder's list of transformer layers."""
-    base = model.base_model
-    for parent_name, list_name in LAYER_LISTS:
-        layers = getattr(getattr(base, parent_name, None), list_name, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    raise ConfigError(
-        f"{KEY} is not supported for {type(model).__name__}: it needs an encoder whose layers "
-        "are in encoder.layer (BERT, MiniLM, RoBERTa, ELECTRA) or transformer.layer "
-        f"(DistilBERT). Set {KEY}=null."
-    )
-
-
 def prune_ffn(model: torch.nn.Module, ffn_width: int) -> torch.nn.Module:
     """``model`` with the ``ffn_width`` most important neurons (:func:`neuron_importance`) of
     every layer's feed-forward block and its config's width set to ``ffn_width``; a width equal
     to the model's changes nothing. Returns ``model``, changed in place."""
     key = size_key(model.config.model_type)
     check_ffn_width(ffn_width, getattr(model.config, key, None))
-    for layer in transformer_layers(model):
+    parent, list_name = encoder_layers(model, KEY)
+    for layer in getattr(parent, list_name):
         w_in, w_out, in_path, out_path = ffn_linears(layer)
         check_ffn_width(ffn_width, w_in.out_features)
         if ffn_width == w_in.out_features:
