@@ -1,7 +1,8 @@
 """Accuracy of int8 quantisation recipes: EM/F1 of each int8 ONNX model beside fp32.
 
 A fine-tuned model (a checkpoint, or a Hugging Face directory) is exported to fp32 ONNX once, then
-quantised with each recipe (``qa_lightning.serving.int8``, onnxruntime dynamic quantisation).
+quantised with each recipe (``qa_lightning.serving.int8``, onnxruntime dynamic quantisation;
+the static default is compared in int8_throughput.py ``--mechanisms``).
 Each model is scored on the shared validation file with ``trainer.validate`` (``QAModule`` /
 ``OnnxQAModule``: the code path of ``python -m qa_lightning.evaluate``), and its answers are
 compared with fp32 PyTorch's. No timing: see int8_throughput.py.
@@ -13,6 +14,7 @@ compared with fp32 PyTorch's. No timing: see int8_throughput.py.
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +34,22 @@ def recipes(layers: int) -> dict[str, QuantizationRecipe]:
     ``Attention`` operator; "unfused": the traced graph's MatMuls only."""
     ffn_out = r"layer\.{}/(output/dense|ffn/lin2)/"
     half = "|".join(str(i) for i in range(layers // 2, layers))
+    dynamic = partial(QuantizationRecipe, activations="dynamic", fuse=True)
     return {
-        "onnxruntime default (unfused, all ops, per tensor)": QuantizationRecipe(
+        "onnxruntime default (unfused, all ops, per tensor)": dynamic(
             fuse=False, per_channel=False, op_types=DYNAMIC_OP_TYPES, exclude=()
         ),
-        "unfused MatMul, per channel": QuantizationRecipe(fuse=False),
-        "unfused MatMul, per channel, FFN output fp32": QuantizationRecipe(
+        "unfused MatMul, per channel": dynamic(fuse=False),
+        "unfused MatMul, per channel, FFN output fp32": dynamic(
             fuse=False, exclude=(ffn_out.format(r"\d+"),)
         ),
-        "fused, per channel (default)": QuantizationRecipe(),
-        "fused, per channel, QA head fp32": QuantizationRecipe(exclude=("qa_outputs",)),
-        "fused, per channel, FFN output fp32": QuantizationRecipe(
-            exclude=(ffn_out.format(r"\d+"),)
-        ),
-        "fused, per channel, FFN output fp32 in the last half": QuantizationRecipe(
+        "fused, per channel": dynamic(),
+        "fused, per channel, QA head fp32": dynamic(exclude=("qa_outputs",)),
+        "fused, per channel, FFN output fp32": dynamic(exclude=(ffn_out.format(r"\d+"),)),
+        "fused, per channel, FFN output fp32 in the last half": dynamic(
             exclude=(ffn_out.format(f"({half})"),)
         ),
-        "fused, per channel, FFN output fp32 in the first half": QuantizationRecipe(
+        "fused, per channel, FFN output fp32 in the first half": dynamic(
             exclude=(ffn_out.format(f"({'|'.join(str(i) for i in range(layers // 2))})"),)
         ),
     }

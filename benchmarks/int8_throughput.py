@@ -18,15 +18,19 @@ loading is not timed.
 
 Predict also answers the questions in a shuffled order (untimed) and counts the best answers
 that change: a model whose answers depend on the other questions of a batch changes some.
-``--mechanisms`` quantises the model with the default recipe in each way int8 activations can be
-quantised, instead of one int8 export: dynamic, run in batches as before (each input's scale from
-the whole padded batch), dynamic run one window at a time (as predict, evaluate and serve run it),
-and static with the scales calibrated on ``--calibration-windows`` windows of the shared training
-questions (percentile and entropy).
+``--mechanisms`` quantises the model in each way int8 activations can be quantised, instead of
+one int8 export: dynamic and fused, run in batches as before (each input's scale from the whole
+padded batch) and one window at a time (as predict, evaluate and serve run it); static with the
+scales calibrated on ``--calibration-windows`` windows of the shared training questions
+(percentile, the default, and entropy, unfused; percentile fused, its attention fp32).
+
+With ``--plot FILE.png`` (needs matplotlib) the run also draws its speed/accuracy frontier: the
+evaluation's F1 of each model against its speed-up over fp32 PyTorch, one point per row
+(docs/frontier.md: the teacher, its students, each in fp32, bf16 and int8).
 
     python benchmarks/int8_throughput.py --model RUN/hf_model [--repeats 2] [--limit N] \
         [--int8 EXPORT_DIR ...] [--students STUDENT/hf_model ...] [--no-predict] \
-        [--mechanisms [--calibration-windows 256]]
+        [--mechanisms [--calibration-windows 256]] [--plot frontier.png]
 """
 
 from __future__ import annotations
@@ -54,11 +58,12 @@ BASELINE = "PyTorch fp32"
 #: ``--mechanisms``: the int8 exports compared (name -> recipe) and the name of the dynamic
 #: export that also runs in batches as before (padded, every window of a batch in one pass)
 MECHANISMS = {
-    "ONNX int8 dynamic, a window at a time": QuantizationRecipe(),
-    "ONNX int8 static, percentile": QuantizationRecipe(activations="static"),
+    "ONNX int8 dynamic, a window at a time": QuantizationRecipe(activations="dynamic", fuse=True),
+    "ONNX int8 static, percentile (default)": QuantizationRecipe(activations="static"),
     "ONNX int8 static, entropy": QuantizationRecipe(
         activations="static", calibration_method="entropy"
     ),
+    "ONNX int8 static, percentile, fused": QuantizationRecipe(activations="static", fuse=True),
 }
 BATCHED = "ONNX int8 dynamic, batched (before)"
 #: the seed of the shuffled order of the questions
@@ -87,6 +92,27 @@ def answers_in_order(answerer: QuestionAnswerer, questions: list, contexts: list
     return best
 
 
+def plot_frontier(path: Path, points: dict[str, tuple[float, float]], title: str) -> None:
+    """Draw ``points`` (name -> (speed-up, F1)) as a labelled scatter into ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 6))
+    for name, (speedup, f1) in points.items():
+        marker = "s" if "int8" in name else "^" if "bf16" in name else "o"
+        axes.scatter(speedup, f1, marker=marker, color="C0" if "int8" in name else "C1")
+        axes.annotate(name, (speedup, f1), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    axes.set_xlabel("questions/s against fp32 PyTorch of --model (evaluation)")
+    axes.set_ylabel("F1 (validation)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument(
@@ -103,6 +129,7 @@ def main() -> None:
         "--mechanisms", action="store_true", help="int8 with dynamic and static activations"
     )
     parser.add_argument("--calibration-windows", type=int, default=256, help="static int8")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of F1 against speed-up")
     args = parser.parse_args()
     if args.quick:
         args.limit = args.limit or 64
@@ -122,7 +149,11 @@ def main() -> None:
             )
         else:
             int8_paths = {"ONNX int8": Path(tmp) / "onnx_model" / "model_int8.onnx"}
-            quantize_onnx(fp32_path, int8_paths["ONNX int8"], QuantizationRecipe())
+            recipe = QuantizationRecipe()
+            calibration = calibration_windows(
+                exported.tokenizer, settings, common.TRAIN_FILE, recipe.calibration_windows
+            )
+            quantize_onnx(fp32_path, int8_paths["ONNX int8"], recipe, calibration=calibration)
         recipes = {name: OnnxLogits(path).quantization or {} for name, path in int8_paths.items()}
         datamodule = SquadDataModule(
             model_dir,
@@ -147,8 +178,10 @@ def main() -> None:
             variants["PyTorch bf16-mixed"] = (torch_module, "bf16-mixed", bf16)
         for student_dir in args.students:
             student = load_model_dir(student_dir)
+            config = student.model.config
             name = (
-                f"{Path(student_dir).parent.name} ({student.model.config.num_hidden_layers} layers)"
+                f"{Path(student_dir).parent.name} ({config.num_hidden_layers} layers, "
+                f"feed-forward {config.intermediate_size})"
             )
             module = QAModule(student_dir, **decoding)
             variants[f"{name}, PyTorch fp32"] = (
@@ -252,13 +285,18 @@ def main() -> None:
             "same answer, %",
             "changed by order",
         ]
-    common.print_table(
+    title = (
         f"int8 vs fp32 on the CPU, {common.model_name(model_dir)}, {len(questions)} validation "
         f"questions, batch {args.batch_size}, best of {args.repeats} ({common.machine()}; int8 "
-        f"dot products: {'yes' if cpu_supports_int8_dot() else 'NO'})",
-        headers,
-        rows,
+        f"dot products: {'yes' if cpu_supports_int8_dot() else 'NO'})"
     )
+    common.print_table(title, headers, rows)
+    if args.plot:
+        points = {
+            name: (base_eval / seconds[name, "eval"], results[name, "eval"][0]["f1"])
+            for name in variants
+        }
+        plot_frontier(args.plot, points, title)
     for name, recipe in recipes.items():
         ratio = base_eval / seconds[name, "eval"]
         keys = ("fuse", "per_channel", "reduce_range", "op_types", "exclude", "activations")

@@ -34,6 +34,7 @@ from qa_lightning.serving.int8 import (
     quantize_onnx,
 )
 from tests.conftest import CONF_DIR
+from tests.serving.graphs import int8_matmuls, op_counts
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -205,24 +206,6 @@ def test_the_server_answers_a_request_as_it_answers_it_alone(exports, pairs, mec
     assert [(i, spans([a])) for i, a in together] == [(i, spans([a])) for i, a in alone]
 
 
-def op_counts(onnx_path: Path) -> dict[str, int]:
-    import onnx
-
-    counts: dict[str, int] = {}
-    for node in onnx.load(str(onnx_path)).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
-def int8_matmuls(onnx_path: Path) -> int:
-    """MatMuls whose two inputs are dequantised int8 (QDQ: statically quantised)."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path)).graph
-    dequantised = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return sum(n.op_type == "MatMul" and all(i in dequantised for i in n.input) for n in graph.node)
-
-
 def test_static_export_records_its_calibration(compose_train, model_dir, capsys) -> None:
     """``export model_dir=... quantize=int8 quantization.activations=static``: without a
     checkpoint, the scales are calibrated on validation_file; the fused attention stays fp32,
@@ -233,6 +216,7 @@ def test_static_export_records_its_calibration(compose_train, model_dir, capsys)
             f"model_dir={model_dir}",
             "quantize=int8",
             "quantization.activations=static",
+            "quantization.fuse=true",
             "quantization.calibration_windows=16",
             f"validation_file={path}",
         ],
@@ -278,7 +262,9 @@ def test_static_unfused_quantises_the_attention_projections(tokenizer_dir, token
 
 def test_dynamic_record_has_no_calibration(tokenizer_dir, tmp_path) -> None:
     record = quantize_onnx(
-        tokenizer_dir / "model.onnx", tmp_path / "int8.onnx", QuantizationRecipe()
+        tokenizer_dir / "model.onnx",
+        tmp_path / "int8.onnx",
+        QuantizationRecipe(activations="dynamic"),
     )
     assert record["activations"] == "dynamic"
     assert not [key for key in record if key.startswith("calibration")]
@@ -351,6 +337,7 @@ def test_calibration_file_prefers_the_training_questions(monkeypatch) -> None:
             ["quantization.activations=static"],
             "but there is no local file of them (model_dir= has none)",
         ),
+        ([], "(quantization.activations=static, the default), but there is no local file"),
     ],
 )
 def test_static_config_errors_come_before_any_work(

@@ -90,12 +90,18 @@ def test_a_broken_fusion_stops_the_export(exported, tmp_path, monkeypatch) -> No
 
     monkeypatch.setattr(quantize, "fuse_transformer_graph", broken_fusion)
     with pytest.raises(ExportError, match="the fused graph's logits differ from PyTorch's"):
-        int8_export(exported, tmp_path / "int8", QuantizationRecipe())
+        int8_export(exported, tmp_path / "int8", QuantizationRecipe(fuse=True))
     assert not (tmp_path / "int8").exists()
 
 
 def test_the_record_says_what_was_measured_on_which_file(exported, tmp_path, capsys) -> None:
-    record = int8_export(exported, tmp_path / "int8", QuantizationRecipe())
+    record = int8_export(exported, tmp_path / "int8", QuantizationRecipe(fuse=True))
+    assert record["fused_operators"] == {
+        "EmbedLayerNormalization": 1,
+        "Attention": 2,
+        "BiasGelu": 2,
+        "SkipLayerNormalization": 4,  # two a layer: after attention and after the FFN
+    }
     checks = record["checks"]
     assert checks["fused fp32 graph vs fp32 PyTorch"]["max_abs_logit_diff"] <= 1e-4
     int8 = checks["int8 model.onnx vs fp32 PyTorch"]
@@ -131,7 +137,8 @@ def test_the_agreement_check_runs_padded_and_unpadded_batches(exported) -> None:
 def test_excluding_a_layer_keeps_its_fused_attention_fp32(exported, tmp_path) -> None:
     import onnx
 
-    recipe = QuantizationRecipe(exclude=(r"layer\.1/",))  # the tiny model's last layer
+    # dynamic: its int8 Attention (QAttention) shows which layer stayed fp32
+    recipe = QuantizationRecipe(activations="dynamic", fuse=True, exclude=(r"layer\.1/",))
     record = int8_export(exported, tmp_path / "int8", recipe)
     assert any("Attention" in name for name in record["excluded_nodes"])
     graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph

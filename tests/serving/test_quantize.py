@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from qa_lightning.serving.answerer import QuestionAnswerer
 from qa_lightning.serving.exports import export_onnx
 from qa_lightning.serving.int8 import Agreement, QuantizationRecipe, compare_answers, quantize_onnx
 from tests.conftest import CONF_DIR, EVAL_OVERRIDES, run_cli, train_tiny
+from tests.serving.graphs import int8_matmuls, op_counts
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -72,15 +74,6 @@ def random_onnx(tmp_path_factory) -> Path:
     return export_onnx(exported, tmp_path_factory.mktemp("random") / "onnx_model")
 
 
-def op_counts(onnx_path: Path) -> dict[str, int]:
-    import onnx
-
-    counts: dict[str, int] = {}
-    for node in onnx.load(str(onnx_path)).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
 def test_int8_export_quantises_the_weights_and_records_recipe_and_agreement(
     int8_export, trained
 ) -> None:
@@ -88,25 +81,22 @@ def test_int8_export_quantises_the_weights_and_records_recipe_and_agreement(
     for name in ("model.onnx", "config.json", "tokenizer.json", "qa_lightning.json"):
         assert (out_dir / name).is_file(), name
     counts = op_counts(out_dir / "model.onnx")
-    # fused: one int8 Attention a layer (query, key, value and the attention products); every
-    # other weight MatMul int8 (attention output, FFN in and out, QA head); none left fp32
-    assert counts["QAttention"] == 2
-    assert counts["MatMulInteger"] == WEIGHT_MATMULS - 2 * 3
-    assert "MatMul" not in counts
+    # static and unfused (the default): every weight MatMul int8 with fixed scales; the
+    # attention products (two activations) fp32; nothing fused, nothing dynamic
+    assert int8_matmuls(out_dir / "model.onnx") == WEIGHT_MATMULS
+    assert counts["MatMul"] == WEIGHT_MATMULS + 2 * 2
+    assert not {"Attention", "DynamicQuantizeLinear", "MatMulInteger"} & set(counts)
 
     saved = json.loads((out_dir / "qa_lightning.json").read_text())
     # the training run's windowing still travels with the model, beside the recipe
     assert InferenceSettings.from_dir(out_dir) == SETTINGS
     record = saved["quantization"]
-    assert record["type"] == "int8"
+    assert record["type"] == "int8" and record["activations"] == "static"
+    # calibrated on the checkpoint's training questions
+    assert record["calibration_file"] == resource_path("demo/train.json")
     assert (record["per_channel"], record["reduce_range"]) == (True, False)
-    assert record["op_types"] == ["MatMul", "Attention"] and record["fuse"] is True
-    assert record["fused_operators"] == {
-        "EmbedLayerNormalization": 1,
-        "Attention": 2,
-        "BiasGelu": 2,
-        "SkipLayerNormalization": 4,  # two a layer: after attention and after the FFN
-    }
+    assert record["op_types"] == ["MatMul", "Attention"] and record["fuse"] is False
+    assert "fused_operators" not in record
     assert record["exclude"] == record["excluded_nodes"] == []
     agreement = record["agreement"]
     # by default the checkpoint's validation file: the 30 demo questions
@@ -119,11 +109,10 @@ def test_int8_export_quantises_the_weights_and_records_recipe_and_agreement(
     worst = min(agreement["candidate_scores"]["f1"], agreement["padded_candidate_scores"]["f1"])
     assert agreement["f1_drop"] == round(agreement["reference_scores"]["f1"] - worst, 4)
     checks = record["checks"]
-    assert checks["fused fp32 graph vs fp32 PyTorch"]["max_abs_logit_diff"] <= 1e-4
+    assert list(checks) == ["int8 model.onnx vs fp32 PyTorch"]  # nothing fused to check
     assert checks["int8 model.onnx vs fp32 PyTorch"]["f1_drop"] == agreement["f1_drop"]
     printed = re.search(r"same best answer for (\d+)/30", int8_export["stdout"])
     assert int(printed.group(1)) == agreement["same_best_answer"]
-    assert "checked the fused fp32 graph vs fp32 PyTorch" in int8_export["stdout"]
     # the model carries its recipe too (without the agreement), for the VNNI warning
     meta = OnnxLogits(out_dir / "model.onnx").quantization
     assert meta == {k: v for k, v in record.items() if k not in ("agreement", "checks")}
@@ -217,7 +206,7 @@ def test_an_onnx_file_without_its_tokenizer_is_a_clear_error(compose_eval, tmp_p
 
 
 def test_excluded_nodes_stay_fp32(random_onnx, tmp_path: Path) -> None:
-    recipe = QuantizationRecipe(fuse=False, exclude=("qa_outputs",))
+    recipe = QuantizationRecipe(activations="dynamic", fuse=False, exclude=("qa_outputs",))
     record = quantize_onnx(random_onnx, tmp_path / "int8.onnx", recipe)
     # the head's MatMul and its bias Add (which has nothing to quantise)
     assert record["excluded_nodes"] == ["/model/qa_outputs/MatMul", "/model/qa_outputs/Add"]
@@ -226,7 +215,7 @@ def test_excluded_nodes_stay_fp32(random_onnx, tmp_path: Path) -> None:
     assert counts["MatMul"] == 2 * 2 + 1
     # per tensor: one scale per weight, against one per output channel
     per_tensor = quantize_onnx(
-        random_onnx, tmp_path / "t.onnx", QuantizationRecipe(fuse=False, per_channel=False)
+        random_onnx, tmp_path / "t.onnx", replace(recipe, exclude=(), per_channel=False)
     )
     assert per_tensor["per_channel"] is False
     assert _scale_sizes(tmp_path / "t.onnx") == {1}
@@ -267,7 +256,7 @@ def test_int8_model_warns_on_a_cpu_without_int8_dot_products(
     random_onnx, tmp_path: Path, monkeypatch, caplog
 ) -> None:
     int8_path = tmp_path / "int8.onnx"
-    quantize_onnx(random_onnx, int8_path, QuantizationRecipe())
+    quantize_onnx(random_onnx, int8_path, QuantizationRecipe(activations="dynamic"))
     cpuinfo = tmp_path / "cpuinfo"
     monkeypatch.setattr(hardware, "CPUINFO", cpuinfo)
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n")

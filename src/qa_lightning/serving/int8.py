@@ -4,19 +4,20 @@ with fp32.
     python -m qa_lightning.export ckpt_path=RUN/checkpoints/best-....ckpt format=onnx quantize=int8
 
 Both store the weights of the chosen operators as int8 (per output channel or per tensor) and
-quantise their inputs to uint8; everything else stays fp32. Dynamic quantisation (the default)
-computes an input's scale at run time, per tensor, from the range of what it is given, so
-:class:`~qa_lightning.model.logits.OnnxLogits` runs such a model one window at a time: a
-question's answer does not depend on the others of its batch. Static quantisation
-(``quantization.activations=static``) fixes the scales at export, from the ranges calibrated on
-``calibration_windows`` windows of training questions (``calibration_method``), and quantises
-the operators' inputs with ``QuantizeLinear`` nodes (onnxruntime's QDQ format). Before
+quantise their inputs to uint8; everything else stays fp32. Static quantisation (the default)
+fixes the scales at export, from the ranges calibrated on ``calibration_windows`` windows of
+training questions (``calibration_method``), and quantises the operators' inputs with
+``QuantizeLinear`` nodes (onnxruntime's QDQ format). Dynamic quantisation
+(``quantization.activations=dynamic``) computes an input's scale at run time, per tensor, from
+the range of what it is given, so :class:`~qa_lightning.model.logits.OnnxLogits` runs such a
+model one window at a time: a question's answer does not depend on the others of its batch. Before
 quantising, onnxruntime's transformer fusions put each layer's attention into one ``Attention``
 operator: dynamic quantisation quantises it whole; static quantisation has no int8
 ``Attention``, so the fused attention stays fp32 there (``fuse=false`` leaves the attention as
 MatMuls, quantised like the others). The recipe (``quantization.*`` in ``conf/export.yaml``)
-decides speed and accuracy; the default, chosen by measurement, is dynamic, per-channel int8
-weights of every fused ``Attention`` and MatMul (see ``docs/int8.md``). It is recorded under
+decides speed and accuracy; the default, chosen by measurement, is static (percentile
+calibration) and unfused: per-channel int8 weights of every MatMul of a weight (see
+``docs/int8.md``). It is recorded under
 ``"quantization"`` in the export's ``qa_lightning.json`` and in the ONNX model's metadata, which
 :class:`~qa_lightning.model.logits.OnnxLogits` reads to run the model and to warn on CPUs without
 int8 dot products.
@@ -32,11 +33,13 @@ fp32's, or without gold answers a mean overlap F1 with fp32's answers below ``mi
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -102,7 +105,7 @@ class QuantizationRecipe:
     training file, with ``calibration_method``: ``minmax``, ``percentile`` or ``entropy``).
     """
 
-    fuse: bool = True
+    fuse: bool = False
     per_channel: bool = True
     reduce_range: bool = False
     op_types: tuple[str, ...] = field(
@@ -113,7 +116,7 @@ class QuantizationRecipe:
         default=(),
         metadata={"fix": "give a list, e.g. quantization.exclude=[qa_outputs]."},
     )
-    activations: str = "dynamic"
+    activations: str = "static"
     calibration_method: str = "percentile"
     calibration_windows: int = 256
     calibration_file: str | None = None
@@ -403,6 +406,10 @@ def quantize_onnx(
     except (OSError, ExportError):
         raise  # disk full or unwritable: the export reports it with out_dir; the fusion's own
     except Exception as error:  # the quantiser raises many types
+        if shutil.disk_usage(int8_path.parent).free < Path(fp32_path).stat().st_size:
+            # its shape inference writes a copy of the model beside it, and a full disk leaves
+            # that copy cut short without an error: it fails when read back
+            raise OSError(errno.ENOSPC, f"no room for onnxruntime's copies ({error})") from error
         raise ExportError(
             f"onnxruntime could not quantise '{fp32_path}' ({type(error).__name__}: "
             f"{str(error).strip()[:200]}); try another recipe (quantization.op_types=[MatMul]) "
@@ -684,10 +691,11 @@ def calibration_file(cfg: DictConfig, recipe: QuantizationRecipe) -> str:
             else "model_dir= has none"
         )
         raise ConfigError(
-            "quantization.activations=static calibrates the activations' scales on training "
-            f"questions, but there is no local file of them ({where}): give "
-            "quantization.calibration_file=PATH (a SQuAD json, jsonl or parquet file of "
-            "training questions), or use quantization.activations=dynamic."
+            "quantize=int8 calibrates the activations' scales on training questions "
+            "(quantization.activations=static, the default), but there is no local file of them "
+            f"({where}): give quantization.calibration_file=PATH (a SQuAD json, jsonl or parquet "
+            "file of training questions), or quantise with scales computed at run time "
+            "(quantization.activations=dynamic: faster to export, less accurate)."
         )
     return str(found)
 
