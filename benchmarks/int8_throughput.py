@@ -36,6 +36,7 @@ evaluation's F1 of each model against its speed-up over fp32 PyTorch, one point 
 from __future__ import annotations
 
 import random
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -93,23 +94,37 @@ def answers_in_order(answerer: QuestionAnswerer, questions: list, contexts: list
 
 
 def plot_frontier(path: Path, points: dict[str, tuple[float, float]], title: str) -> None:
-    """Draw ``points`` (name -> (speed-up, F1)) as a labelled scatter into ``path``."""
+    """Draw ``points`` (name -> (speed-up, F1)) as a labelled scatter into ``path``: squares int8,
+    triangles bf16-mixed, circles fp32."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(9, 6))
-    for name, (speedup, f1) in points.items():
-        marker = "s" if "int8" in name else "^" if "bf16" in name else "o"
-        axes.scatter(speedup, f1, marker=marker, color="C0" if "int8" in name else "C1")
-        axes.annotate(name, (speedup, f1), textcoords="offset points", xytext=(5, 3), fontsize=7)
-    axes.set_xlabel("questions/s against fp32 PyTorch of --model (evaluation)")
+    figure, axes = plt.subplots(figsize=(10, 6.5))
+    for i, (name, (speedup, f1)) in enumerate(points.items()):
+        kind = "int8" if "int8" in name else "bf16" if "bf16" in name else "fp32"
+        marker, colour = {"int8": ("s", "C0"), "bf16": ("^", "C2"), "fp32": ("o", "C1")}[kind]
+        axes.scatter(speedup, f1, marker=marker, color=colour, label=kind)
+        label = re.sub(r" \(\d+ layers, feed-forward \d+\)", "", name)
+        axes.annotate(
+            label,
+            (speedup, f1),
+            textcoords="offset points",
+            xytext=(6, 6 - 12 * (i % 2)),
+            fontsize=7,
+        )
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    axes.legend(unique.values(), unique.keys(), loc="lower left")
+    axes.set_xlabel("evaluation questions/s against fp32 PyTorch of --model")
     axes.set_ylabel("F1 (validation)")
-    axes.set_title(title, fontsize=9)
+    axes.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 
@@ -171,10 +186,14 @@ def main() -> None:
         onnx_dir = str(fp32_path.parent)
         # name -> (module, trainer precision, logits function of predict)
         variants: dict[str, tuple[Any, str, Any]] = {
-            BASELINE: (torch_module, "32-true", TorchLogits(exported.model, "cpu", "32-true")),
+            BASELINE: (
+                torch_module,
+                "32-true",
+                TorchLogits(exported.model, "cpu", "32-true", pack=True),
+            ),
         }
-        if cpu_supports_bf16():
-            bf16 = TorchLogits(exported.model, "cpu", "bf16-mixed")
+        if cpu_supports_bf16():  # a model of its own: fp32's is packed for oneDNN
+            bf16 = TorchLogits(load_model_dir(model_dir).model, "cpu", "bf16-mixed")
             variants["PyTorch bf16-mixed"] = (torch_module, "bf16-mixed", bf16)
         for student_dir in args.students:
             student = load_model_dir(student_dir)
@@ -187,13 +206,13 @@ def main() -> None:
             variants[f"{name}, PyTorch fp32"] = (
                 module,
                 "32-true",
-                TorchLogits(student.model, "cpu", "32-true"),
+                TorchLogits(student.model, "cpu", "32-true", pack=True),
             )
             if cpu_supports_bf16():
                 variants[f"{name}, PyTorch bf16-mixed"] = (
                     module,
                     "bf16-mixed",
-                    TorchLogits(student.model, "cpu", "bf16-mixed"),
+                    TorchLogits(load_model_dir(student_dir).model, "cpu", "bf16-mixed"),
                 )
         for name, path in {"ONNX fp32": fp32_path, **int8_paths}.items():
             module = OnnxQAModule(str(path), name_or_path=onnx_dir, **decoding)

@@ -425,8 +425,12 @@ class DocRuns:
         export = [sys.executable, "-m", "qa_lightning.export", f"model_dir={run / 'hf_model'}"]
         cwd.mkdir()
         self.check_call([*export, "format=onnx", f"hydra.run.dir={run_dir}"], cwd)
+        from qa_lightning.core.config import resource_path
+
         int8 = ["quantize=int8", "validation_samples=8", f"out_dir={run_dir / 'onnx_int8_model'}"]
-        self.check_call([*export, *int8, f"hydra.run.dir={cwd / 'int8'}"], cwd)
+        # a bare model directory names no training questions to calibrate on: the demo's
+        calibration = [f"quantization.calibration_file={resource_path('demo/train.json')}"]
+        self.check_call([*export, *int8, *calibration, f"hydra.run.dir={cwd / 'int8'}"], cwd)
         return run_dir
 
     @property

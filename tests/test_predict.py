@@ -295,13 +295,18 @@ def test_precision_auto_is_trainings_default_on_the_cpu(monkeypatch, native_bf16
     assert resolve_precision("32-true", "cpu") == "32-true"
 
 
-def test_bf16_logits_are_close_to_fp32_but_computed_in_bf16(answerer, tokenizer, validation):
+def test_bf16_logits_are_close_to_fp32_but_computed_in_bf16(
+    answerer, model_dir, tokenizer, validation
+):
+    from qa_lightning.model import load_qa_model
+
     questions, contexts = validation["question"][:8], validation["context"][:8]
     windows = make_eval_windows(tokenizer, questions, contexts, 128, 32)
     keys = [k for k in windows if k != "length"]
     batch = answerer.collator([{k: windows[k][i] for k in keys} for i in range(8)])
-    fp32 = answerer.logits_fn(batch)  # the fixture runs in 32-true
-    bf16 = TorchLogits(answerer.logits_fn.model, "cpu", "bf16-mixed")(batch)
+    fp32 = answerer.logits_fn(batch)  # the fixture runs in 32-true (packed for oneDNN)
+    model = load_qa_model(str(model_dir), trained_head=True)
+    bf16 = TorchLogits(model, "cpu", "bf16-mixed")(batch)
     for a, b in zip(fp32, bf16, strict=True):
         assert b.dtype == torch.float32  # returned as fp32 for post-processing
         difference = (a - b).abs().max().item()

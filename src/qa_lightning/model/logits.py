@@ -21,6 +21,7 @@ from qa_lightning.core.config import auto_precision
 from qa_lightning.core.errors import ConfigError
 from qa_lightning.core.hardware import cpu_bf16_warning, cpu_int8_warning
 from qa_lightning.data.collate import MODEL_INPUTS
+from qa_lightning.model.packed import PackedLinear, pack_linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,30 @@ class LogitsFn(Protocol):
 
 class TorchLogits:
     """An ``AutoModelForQuestionAnswering`` run with PyTorch, in fp32 or under autocast
-    (``precision``: a key of :data:`AUTOCAST_DTYPES`)."""
+    (``precision``: a key of :data:`AUTOCAST_DTYPES`). With ``pack``, in fp32 on a CPU, the
+    model's linear layers are packed for oneDNN in place
+    (:func:`~qa_lightning.model.packed.pack_linear_layers`): for a model that serves this
+    inference only (not traced, trained or saved afterwards)."""
 
     #: torch's intra-op threads for each call (``None``: as they are; see :meth:`with_threads`)
     threads: int | None = None
 
     def __init__(
-        self, model: torch.nn.Module, device: str = "cpu", precision: str = "32-true"
+        self,
+        model: torch.nn.Module,
+        device: str = "cpu",
+        precision: str = "32-true",
+        pack: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = AUTOCAST_DTYPES[precision]
         self.model = model.to(self.device).eval()
+        if pack and self.device.type == "cpu" and self.dtype is None:
+            pack_linear_layers(self.model)
+        elif self.dtype is not None and any(isinstance(m, PackedLinear) for m in model.modules()):
+            raise ValueError(
+                f"this model was packed for fp32 on a CPU: load it again for {precision}"
+            )
 
     def with_threads(self, threads: int, spin: bool = True) -> TorchLogits:
         """The same model (shared, not copied), called with ``threads`` intra-op threads

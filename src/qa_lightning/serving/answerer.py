@@ -131,7 +131,7 @@ class QuestionAnswerer:
         check_tokenizer_fits(tokenizer, model_dir, model_vocab_size(str(model_dir)), model_dir)
         log.info("answering with PyTorch on %s in %s", device, precision)
         model = load_qa_model(str(model_dir), trained_head=True)
-        logits_fn = TorchLogits(model, device, precision)
+        logits_fn = TorchLogits(model, device, precision, pack=True)
         on_cpu = logits_fn.device.type == "cpu"
         return cls(tokenizer, logits_fn, inference_settings, batch_size, equal_length=on_cpu)
 

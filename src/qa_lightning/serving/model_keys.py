@@ -222,7 +222,7 @@ def load_answerer(
     precision = resolve_precision(precision, device)
     exported = load_checkpoint(model.path, trust_checkpoint)
     log.info("answering with PyTorch on %s in %s", device, precision)
-    logits_fn = TorchLogits(exported.model, device, precision)
+    logits_fn = TorchLogits(exported.model, device, precision, pack=True)
     return QuestionAnswerer(
         exported.tokenizer,
         logits_fn,
