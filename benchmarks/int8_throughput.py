@@ -50,6 +50,7 @@ from qa_lightning.data import SquadDataModule
 from qa_lightning.model import QAModule
 from qa_lightning.model.logits import OnnxLogits, TorchLogits
 from qa_lightning.model.onnx_model import OnnxQAModule
+from qa_lightning.model.width import size_key
 from qa_lightning.runs.checkpoint_reading import load_model_dir
 from qa_lightning.serving.answerer import QuestionAnswerer
 from qa_lightning.serving.exports import export_onnx
@@ -200,7 +201,7 @@ def main() -> None:
             config = student.model.config
             name = (
                 f"{Path(student_dir).parent.name} ({config.num_hidden_layers} layers, "
-                f"feed-forward {config.intermediate_size})"
+                f"feed-forward {getattr(config, size_key(config.model_type))})"
             )
             module = QAModule(student_dir, **decoding)
             variants[f"{name}, PyTorch fp32"] = (
