@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from difflib import SequenceMatcher
 from functools import partial, wraps
@@ -59,14 +59,15 @@ def log_to_files(level: int, message: str) -> None:
             handler.handle(record)
 
 
-def quiet_output(cfg: Any) -> None:
+def quiet_output(cfg: Any, libraries: Collection[str] = ("transformers", "datasets")) -> None:
     """Other libraries' notes, tips and progress bars off
     (:func:`~qa_lightning.core.quiet.quiet_libraries`), unless the entry point's config says
     ``verbose=true`` or Hydra's ``hydra.verbose`` is set."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_verbose = HydraConfig.initialized() and bool(HydraConfig.get().verbose)
-    quiet_libraries(verbose=bool(cfg.get("verbose")) or hydra_verbose)
+    verbose = bool(cfg.get("verbose")) or hydra_verbose
+    quiet_libraries(verbose=verbose, libraries=libraries)
 
 
 def quiet_full_log_files() -> None:

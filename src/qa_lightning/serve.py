@@ -62,7 +62,7 @@ def serve(cfg: DictConfig) -> None:
 
 @hydra_main("serve")
 def main(cfg: DictConfig) -> None:
-    quiet_output(cfg)
+    quiet_output(cfg, libraries=())  # the workers quiet transformers: this process loads no model
     report_errors(lambda: serve(cfg))
 
 

@@ -8,14 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    AlbertConfig,
-    AutoConfig,
-    AutoModelForQuestionAnswering,
-    BertConfig,
-    DistilBertConfig,
-    RobertaConfig,
-)
+from transformers import AlbertConfig, AutoConfig, AutoModelForQuestionAnswering
 
 from qa_lightning.core.config import minilm_path
 from qa_lightning.core.errors import ConfigError
@@ -23,24 +16,10 @@ from qa_lightning.model import load_qa_model
 from qa_lightning.model.layers import check_keep_layers
 from qa_lightning.runs.checkpoint_reading import checkpoint_model_config, load_checkpoint
 from qa_lightning.runs.config import validate_train_config
+from tests.model.encoders import SIZES, small_configs
 
-#: MiniLM's vocabulary: the rebuilt checkpoints name its tokenizer, which must fit the model.
-SIZES = {"vocab_size": 30522, "max_position_embeddings": 64}
-#: Random 4-layer encoders of the three supported families (built locally, no hub).
-CONFIGS = {
-    "bert": lambda: BertConfig(
-        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, **SIZES
-    ),
-    "distilbert": lambda: DistilBertConfig(dim=16, n_layers=4, n_heads=2, hidden_dim=32, **SIZES),
-    "roberta": lambda: RobertaConfig(
-        hidden_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=32,
-        pad_token_id=1,
-        **SIZES,
-    ),
-}
+#: Random 4-layer encoders of three families.
+CONFIGS = {family: make for family, make in small_configs(4).items() if family != "electra"}
 KEEP = [0, 2, 3]
 LAYER_INDEX = re.compile(r"\.layer\.(\d+)\.")
 

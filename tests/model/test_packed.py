@@ -4,6 +4,9 @@ applied where ``TorchLogits`` runs fp32 on a CPU only."""
 
 from __future__ import annotations
 
+import mmap
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +18,7 @@ from qa_lightning.model.packed import (
     onednn_linear_available,
     pack_linear_layers,
     padded_rows,
+    release_pages,
 )
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="torch without oneDNN")
@@ -58,6 +62,39 @@ def test_packed_model_gives_the_plain_models_logits(kind: str) -> None:
     for name in ("start_logits", "end_logits"):
         torch.testing.assert_close(found[name], expected[name], atol=1e-5, rtol=1e-5)
     assert pack_linear_layers(packed) == 0  # nothing left to pack
+
+
+def test_a_model_loaded_from_safetensors_packs_to_the_same_logits(tmp_path) -> None:
+    """Its weights are views of one memory map of the file: the replaced ones' pages are
+    released, the embeddings and biases that stay in the map still hold their values."""
+    random_model("bert").save_pretrained(tmp_path)
+    plain = AutoModelForQuestionAnswering.from_pretrained(tmp_path).eval()
+    packed = AutoModelForQuestionAnswering.from_pretrained(tmp_path).eval()
+    pack_linear_layers(packed)
+    with torch.inference_mode():
+        expected, found = plain(**batch()), packed(**batch())
+    torch.testing.assert_close(found.start_logits, expected.start_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(found.end_logits, expected.end_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise: Linux only")
+def test_release_pages_gives_back_whole_pages_nobody_keeps() -> None:
+    page = mmap.PAGESIZE
+    floats = page // 4
+    memory = torch.ones(8 * floats + 64)  # a storage that stays, as a memory map does
+    offset = (-memory.data_ptr() % page) // 4  # the first element on a page boundary
+    dropped = memory[offset + floats // 2 : offset + 5 * floats]  # pages 1-4 whole, half of 0
+    kept_on_page_3 = memory[offset + 3 * floats + 7 : offset + 3 * floats + 8]
+    overlapping = memory[offset + 2 * floats : offset + 4 * floats]  # pages 2 and 3
+    assert release_pages([dropped], [memory[: offset + floats // 2]]) == 4 * page
+    # anonymous memory reads as zeros once released: exactly the four whole pages
+    assert memory[offset + floats // 2 : offset + floats].eq(1).all()  # page 0: partly dropped
+    assert memory[offset + floats : offset + 5 * floats].eq(0).all()
+    assert memory[offset + 5 * floats :].eq(1).all() and memory[:offset].eq(1).all()
+    memory.fill_(1)
+    assert release_pages([overlapping], [kept_on_page_3]) == 0  # a kept element: nothing
+    assert memory.eq(1).all()
+    assert release_pages([memory[offset : offset + floats - 1]], []) == 0  # no whole page
 
 
 def test_a_linear_layer_without_bias() -> None:

@@ -18,9 +18,6 @@ from transformers import (
     AutoConfig,
     AutoModelForQuestionAnswering,
     BertConfig,
-    DistilBertConfig,
-    ElectraConfig,
-    RobertaConfig,
 )
 
 from qa_lightning.core.config import minilm_path
@@ -38,33 +35,11 @@ from qa_lightning.model.width import (
 from qa_lightning.runs.checkpoint_reading import checkpoint_model_config, load_checkpoint
 from qa_lightning.runs.config import validate_train_config
 from tests.conftest import EVAL_OVERRIDES, TINY_OVERRIDES, run_cli
+from tests.model.encoders import SIZES, small_configs
 from tests.test_errors import cli_error
 
-#: MiniLM's vocabulary: the rebuilt checkpoints name its tokenizer, which must fit the model.
-SIZES = {"vocab_size": 30522, "max_position_embeddings": 64}
-#: Random 3-layer encoders with 32 feed-forward neurons (built locally, no hub).
-CONFIGS = {
-    "bert": lambda: BertConfig(
-        hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, **SIZES
-    ),
-    "distilbert": lambda: DistilBertConfig(dim=16, n_layers=3, n_heads=2, hidden_dim=32, **SIZES),
-    "roberta": lambda: RobertaConfig(
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=32,
-        pad_token_id=1,
-        **SIZES,
-    ),
-    "electra": lambda: ElectraConfig(
-        embedding_size=16,
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=32,
-        **SIZES,
-    ),
-}
+#: Random 3-layer encoders with 32 feed-forward neurons.
+CONFIGS = small_configs(3)
 #: The feed-forward block's input and output weights, and the width's config key, by family.
 FFN = {
     "distilbert": ("ffn.lin1", "ffn.lin2", "hidden_dim"),

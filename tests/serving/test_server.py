@@ -57,7 +57,7 @@ def test_serving_is_logged_once_health_answers(server, tiny_model_dir) -> None:
     serving = log.index(line)
     assert f"at http://127.0.0.1:{server.port}/" in log[serving:]
     assert log.rindex('"GET /health" 200 OK', 0, serving) > log.rindex("Uvicorn running")
-    assert log.count("Loading weights: 100%") <= 1  # the start-up check at most, not each worker
+    assert "Loading weights" not in log  # neither the start-up check nor a worker shows a bar
     # the workers log as the main process does, to the same places
     assert re.search(r"\]\[INFO\] - inference worker 0 \(process \d+\) answers on cpu", log), log
 

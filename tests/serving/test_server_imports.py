@@ -28,18 +28,20 @@ def imported_after(code: str) -> dict[str, bool]:
 
 def test_the_main_and_http_processes_import_no_torch() -> None:
     """What ``python -m qa_lightning.serve`` imports before it starts the server: the entry
-    point, the server, the model keys and the settings it checks."""
+    point, the server, the model keys and the settings it checks, and its quiet output."""
     found = imported_after(
         "import qa_lightning.serve, qa_lightning.serving.server, qa_lightning.cli\n"
         "from qa_lightning.serving.model_keys import given_model\n"
-        "from qa_lightning.answers.settings import InferenceSettings"
+        "from qa_lightning.answers.settings import InferenceSettings\n"
+        "qa_lightning.cli.quiet_output({}, libraries=())"
     )
     assert not any(found.values()), found
 
 
 def test_a_worker_answers_without_lightning(tiny_model_dir) -> None:
     found = imported_after(
-        "from qa_lightning.serving.server import ModelSource\n"
+        "from qa_lightning.serving.server import ModelSource, WorkerLogging\n"
+        "WorkerLogging().apply()\n"  # a worker's logging and quiet output
         f"source = ModelSource(backend='torch', device='cpu', model_dir={str(tiny_model_dir)!r})\n"
         "source.load('cpu').answer(['Who?'], ['Bob went home.'], 1)"
     )

@@ -107,8 +107,11 @@ def test_a_killed_worker_is_started_again(two_workers, answerer) -> None:
     assert ok.text == "ok" and len(two_workers.inference_workers()) == 2
     first, _ = sorted(two_workers.inference_workers())
     os.kill(first, signal.SIGKILL)
-    time.sleep(0.5)
-    assert health(two_workers).text.startswith("ok: 1 of 2")
+    # "ok: 1 of 2" while it is away (the test above); a tiny model's worker, forked from the
+    # fork server, may be back before a first look: wait for its successor instead
+    deadline = time.monotonic() + 120
+    while first in two_workers.inference_workers() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert health_within(two_workers, 120, lambda r: r.text == "ok").text == "ok"
     assert len(two_workers.inference_workers()) == 2
     assert first not in two_workers.inference_workers()

@@ -3,7 +3,9 @@ user can act on, not the notes, tips and progress bars of the libraries it runs 
 
 Every entry point calls :func:`quiet_libraries` at start, unless ``verbose=true``; a process
 that loads a model on its own (a server's worker) calls it too. What it turns off stays off for
-the rest of the process.
+the rest of the process. transformers' and datasets' switches import them: the server's
+processes leave out those they never use (its main process both, about 100 MiB shared with the
+processes forked from it; a worker datasets, about 40 MiB).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +66,17 @@ LIGHTNING_NOTES = DropRecords(
 LOAD_REPORT = DropRecords(lambda r: "LOAD REPORT" in r.getMessage())
 
 
-def quiet_libraries(verbose: bool = False) -> None:
+def quiet_libraries(
+    verbose: bool = False, libraries: Collection[str] = ("transformers", "datasets")
+) -> None:
     """Other libraries' notes, tips and progress bars off; ``verbose``: leave them as they are.
 
     Call after importing the libraries (Lightning and transformers set their loggers' levels
     when first imported). Python warnings of :data:`NOISE_WARNINGS` are ignored; loggers of
     :data:`WARNINGS_ONLY` show warnings only (but :data:`KEPT_INFO` and :data:`KEPT_NOTES`);
     transformers' progress bars (loading and writing weights) and load report, datasets' bars
-    of :data:`DATASETS_BARS` and onnxruntime's graph-optimiser notes are off.
+    of :data:`DATASETS_BARS` and onnxruntime's graph-optimiser notes are off; of transformers
+    and datasets, only those named in ``libraries`` (each imported to do so).
     """
     if verbose:
         return
@@ -83,8 +88,10 @@ def quiet_libraries(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     for name in RANK_ZERO_LOGGERS:
         logging.getLogger(name).addFilter(LIGHTNING_NOTES)
-    _quiet_transformers()
-    _quiet_datasets()
+    if "transformers" in libraries:
+        _quiet_transformers()
+    if "datasets" in libraries:
+        _quiet_datasets()
 
 
 def onnxruntime_optimizer_loggers() -> list[str]:

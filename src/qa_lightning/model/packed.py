@@ -5,11 +5,20 @@ AMD CPUs takes a slower code path: a 180 x 384 x 1536 product ran at 113 GFLOPS 
 the same weight reordered once into oneDNN's blocked layout (one core of the 2-core AMD EPYC;
 a whole MiniLM forward pass 1.9x as fast, logits within 1e-5; see docs/serving.md). This is
 what ``torch.compile`` with freezing does to a linear layer on a CPU, without compiling.
+
+A model loaded from safetensors keeps its weights in one memory map of the file, which stays
+while any of them (the embeddings) is in use: the pages of the weights replaced by their packed
+copies are handed back to the kernel (:func:`release_pages`), or the process would hold the
+linear weights twice (about 40 MiB for MiniLM).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
+import sys
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -67,12 +76,51 @@ def pack_linear_layers(model: nn.Module) -> int:
     changed where torch has no oneDNN."""
     if not onednn_linear_available():
         return 0
-    count = 0
+    replaced = []
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, PackedLinear(child))
-                count += 1
-    if count:
-        log.debug("packed %d linear layers for oneDNN", count)
-    return count
+                replaced.append(child.weight)
+    if replaced:
+        kept = [*model.parameters(), *model.buffers()]
+        released = release_pages(replaced, kept) >> 20
+        log.debug("packed %d linear layers for oneDNN, %d MiB released", len(replaced), released)
+    return len(replaced)
+
+
+def _in_memory(tensor: torch.Tensor) -> bool:
+    """A CPU tensor with elements at addresses of its own (not oneDNN's opaque layout)."""
+    return tensor.device.type == "cpu" and tensor.layout == torch.strided and tensor.numel() > 0
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The addresses ``[start, end)`` that ``tensor``'s elements occupy."""
+    steps = zip(tensor.shape, tensor.stride(), strict=True)
+    extent = sum((size - 1) * step for size, step in steps)
+    return tensor.data_ptr(), tensor.data_ptr() + (extent + 1) * tensor.element_size()
+
+
+def release_pages(dropped: Iterable[torch.Tensor], kept: Iterable[torch.Tensor]) -> int:
+    """Tell the kernel that the whole memory pages of the ``dropped`` CPU tensors are no longer
+    needed (``madvise(MADV_DONTNEED)``, Linux only), except pages that a ``kept`` tensor uses;
+    returns the bytes released. For tensors that are views of a storage that stays, such as a
+    memory-mapped checkpoint: their pages would otherwise stay in the process. A page of a file
+    map is read again from the file if touched; the caller holds the only other references."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    page = mmap.PAGESIZE
+    taken = [_span(tensor) for tensor in kept if _in_memory(tensor)]
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for tensor in dropped:
+        if not _in_memory(tensor):
+            continue
+        start, end = _span(tensor)
+        start, end = -(-start // page) * page, end // page * page
+        if end <= start or any(lo < end and start < hi for lo, hi in taken):
+            continue
+        if madvise(start, end - start, mmap.MADV_DONTNEED) == 0:
+            released += end - start
+    return released

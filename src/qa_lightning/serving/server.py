@@ -497,7 +497,7 @@ class WorkerLogging:
             handler.setFormatter(logging.Formatter(fmt, datefmt))
             root.addHandler(handler)
         root.setLevel(self.level)
-        quiet_libraries()
+        quiet_libraries(libraries=("transformers",))
         tag_log_records()
 
 
@@ -1012,6 +1012,9 @@ def inspect_model(source: ModelSource) -> ModelFacts:
     :class:`ConfigError` here, before any worker starts) and describe it."""
     import torch
 
+    from qa_lightning.core.quiet import quiet_libraries
+
+    quiet_libraries(libraries=("transformers",))  # a process of its own, as a worker
     accelerator, devices = _devices(source)
     answerer = source.load("cpu")
     return ModelFacts(describe(answerer, source), torch.get_num_threads(), accelerator, devices)
