@@ -105,8 +105,9 @@ def release_pages(dropped: Iterable[torch.Tensor], kept: Iterable[torch.Tensor])
     """Tell the kernel that the whole memory pages of the ``dropped`` CPU tensors are no longer
     needed (``madvise(MADV_DONTNEED)``, Linux only), except pages that a ``kept`` tensor uses;
     returns the bytes released. For tensors that are views of a storage that stays, such as a
-    memory-mapped checkpoint: their pages would otherwise stay in the process. A page of a file
-    map is read again from the file if touched; the caller holds the only other references."""
+    memory-mapped checkpoint: their pages would otherwise stay in the process. The caller makes
+    sure nothing reads the dropped tensors again (a released page of a file map would be read
+    from the file again, one of anonymous memory would read as zeros)."""
     if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
         return 0
     page = mmap.PAGESIZE
