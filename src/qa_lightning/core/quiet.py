@@ -5,7 +5,7 @@ Every entry point calls :func:`quiet_libraries` at start, unless ``verbose=true`
 that loads a model on its own (a server's worker) calls it too. What it turns off stays off for
 the rest of the process. transformers' and datasets' switches import them: the server's
 processes leave out those they never use (its main process both, about 100 MiB shared with the
-processes forked from it; a worker datasets, about 40 MiB).
+processes forked from it; a worker datasets, about 60 MiB).
 """
 
 from __future__ import annotations
