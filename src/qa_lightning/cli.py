@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from qa_lightning.core.errors import QAError, ResourceError
 from qa_lightning.core.integrity import disk_full_cause, free_space, is_disk_full, write_atomic
-from qa_lightning.core.quiet import quiet_libraries
+from qa_lightning.core.quiet import LIBRARIES, quiet_libraries
 from qa_lightning.runs.run_dir import record_failure
 
 T = TypeVar("T")
@@ -59,7 +59,7 @@ def log_to_files(level: int, message: str) -> None:
             handler.handle(record)
 
 
-def quiet_output(cfg: Any, libraries: Collection[str] = ("transformers", "datasets")) -> None:
+def quiet_output(cfg: Any, libraries: Collection[str] = LIBRARIES) -> None:
     """Other libraries' notes, tips and progress bars off
     (:func:`~qa_lightning.core.quiet.quiet_libraries`), unless the entry point's config says
     ``verbose=true`` or Hydra's ``hydra.verbose`` is set."""

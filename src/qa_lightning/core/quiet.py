@@ -64,19 +64,19 @@ LIGHTNING_NOTES = DropRecords(
 #: transformers' load report (a table of missing and unexpected weights after every
 #: ``from_pretrained``; fine-tuning a base model always misses the new QA head's).
 LOAD_REPORT = DropRecords(lambda r: "LOAD REPORT" in r.getMessage())
+#: The libraries whose own switches :func:`quiet_libraries` sets (importing each to do so).
+LIBRARIES = ("transformers", "datasets")
 
 
-def quiet_libraries(
-    verbose: bool = False, libraries: Collection[str] = ("transformers", "datasets")
-) -> None:
+def quiet_libraries(verbose: bool = False, libraries: Collection[str] = LIBRARIES) -> None:
     """Other libraries' notes, tips and progress bars off; ``verbose``: leave them as they are.
 
     Call after importing the libraries (Lightning and transformers set their loggers' levels
     when first imported). Python warnings of :data:`NOISE_WARNINGS` are ignored; loggers of
     :data:`WARNINGS_ONLY` show warnings only (but :data:`KEPT_INFO` and :data:`KEPT_NOTES`);
     transformers' progress bars (loading and writing weights) and load report, datasets' bars
-    of :data:`DATASETS_BARS` and onnxruntime's graph-optimiser notes are off; of transformers
-    and datasets, only those named in ``libraries`` (each imported to do so).
+    of :data:`DATASETS_BARS` and onnxruntime's graph-optimiser notes are off; of
+    :data:`LIBRARIES`, only those named in ``libraries``.
     """
     if verbose:
         return

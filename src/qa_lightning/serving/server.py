@@ -460,6 +460,11 @@ class CountedWindows:
         return self.logits_fn(batch)
 
 
+#: What the processes that load the model quiet (:func:`~qa_lightning.core.quiet.
+#: quiet_libraries`): transformers, which they use; not datasets, which they would import.
+QUIETED_IN_WORKERS = ("transformers",)
+
+
 @dataclass(frozen=True)
 class WorkerLogging:
     """Where and how the main process logs (its root handlers: the console and Hydra's
@@ -497,7 +502,7 @@ class WorkerLogging:
             handler.setFormatter(logging.Formatter(fmt, datefmt))
             root.addHandler(handler)
         root.setLevel(self.level)
-        quiet_libraries(libraries=("transformers",))
+        quiet_libraries(libraries=QUIETED_IN_WORKERS)
         tag_log_records()
 
 
@@ -1014,7 +1019,7 @@ def inspect_model(source: ModelSource) -> ModelFacts:
 
     from qa_lightning.core.quiet import quiet_libraries
 
-    quiet_libraries(libraries=("transformers",))  # a process of its own, as a worker
+    quiet_libraries(libraries=QUIETED_IN_WORKERS)  # a process of its own, as a worker
     accelerator, devices = _devices(source)
     answerer = source.load("cpu")
     return ModelFacts(describe(answerer, source), torch.get_num_threads(), accelerator, devices)
