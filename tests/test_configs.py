@@ -36,12 +36,23 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g in GROUPS for o in options(g)], ids=lambda v: str(v)
 )
-def test_every_group_option_composes(compose_train, group: str, option: str) -> None:
+def test_every_group_option_composes(compose_train, monkeypatch, group: str, option: str) -> None:
+    # the GPU trainers as on a machine with a GPU (without one: the next test)
+    monkeypatch.setattr("qa_lightning.runs.config.missing_gpu_error", lambda accelerator: None)
     cfg = compose_train([f"{group}={option}", *FILLED.get(option, [])])
     OmegaConf.resolve(cfg)
     validate_train_config(cfg)
     for node in (cfg.data, cfg.model, cfg.trainer):
         assert get_class(node._target_)
+
+
+@pytest.mark.parametrize("option", ["gpu", "ddp", "fsdp", "deepspeed"])
+def test_a_gpu_trainer_without_a_gpu_names_the_cpu_trainers(compose_train, monkeypatch, option):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cfg = compose_train([f"trainer={option}"])
+    with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu .* trainer=cpu"):
+        validate_train_config(cfg)
 
 
 def test_groups_have_the_documented_options() -> None:

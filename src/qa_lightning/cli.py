@@ -59,15 +59,19 @@ def log_to_files(level: int, message: str) -> None:
             handler.handle(record)
 
 
-def quiet_output(cfg: Any, libraries: Collection[str] = LIBRARIES) -> None:
-    """Other libraries' notes, tips and progress bars off
-    (:func:`~qa_lightning.core.quiet.quiet_libraries`), unless the entry point's config says
-    ``verbose=true`` or Hydra's ``hydra.verbose`` is set."""
+def verbose_output(cfg: Any) -> bool:
+    """Whether the entry point's config says ``verbose=true`` or Hydra's ``hydra.verbose`` is
+    set: other libraries' notes, tips and progress bars are then left on."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_verbose = HydraConfig.initialized() and bool(HydraConfig.get().verbose)
-    verbose = bool(cfg.get("verbose")) or hydra_verbose
-    quiet_libraries(verbose=verbose, libraries=libraries)
+    return bool(cfg.get("verbose")) or hydra_verbose
+
+
+def quiet_output(cfg: Any, libraries: Collection[str] = LIBRARIES) -> None:
+    """Other libraries' notes, tips and progress bars off
+    (:func:`~qa_lightning.core.quiet.quiet_libraries`), unless :func:`verbose_output`."""
+    quiet_libraries(verbose=verbose_output(cfg), libraries=libraries)
 
 
 def quiet_full_log_files() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qa_lightning.answers.settings import SETTING_KEYS
-from qa_lightning.cli import hydra_main, quiet_output, report_errors
+from qa_lightning.cli import hydra_main, quiet_output, report_errors, verbose_output
 from qa_lightning.core.config import register_resolvers
 from qa_lightning.core.errors import ConfigError
 from qa_lightning.serving.model_keys import check_onnx_precision, given_model
@@ -54,8 +54,9 @@ def serve(cfg: DictConfig) -> None:
     settings = server.ServeSettings(**OmegaConf.to_container(cfg.serve, resolve=True))
     source = model_source(cfg)
     server.check_port(settings)
-    facts = server.inspect_apart(source)
-    app = server.build_server(source, settings, facts)
+    verbose = verbose_output(cfg)
+    facts = server.inspect_apart(source, verbose)
+    app = server.build_server(source, settings, facts, verbose)
     info = facts.info
     server.run_server(app, settings, f"{info['model']} ({info['backend']}, {info['precision']})")
 

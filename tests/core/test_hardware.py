@@ -12,6 +12,7 @@ from qa_lightning.core.hardware import (
     cpu_supports_bf16,
     cpu_supports_int8_dot,
     cpuinfo_flags,
+    missing_gpu_error,
 )
 
 AVX2_ONLY = """processor\t: 0
@@ -117,3 +118,21 @@ def test_unreadable_cpuinfo_asks_torch_for_vnni(monkeypatch, tmp_path):
     assert cpu_supports_int8_dot() is False
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
     assert cpu_supports_int8_dot() is True
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "failing"),
+    [
+        (False, False, {"gpu", "cuda", "mps"}),
+        (True, False, {"mps"}),
+        (False, True, {"cuda"}),  # a Mac: gpu is MPS
+    ],
+)
+def test_a_gpu_accelerator_without_a_gpu_names_the_cpu_trainers(monkeypatch, cuda, mps, failing):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    for accelerator in ("gpu", "cuda", "mps", "cpu", "auto"):
+        message = missing_gpu_error(accelerator)
+        assert (message is not None) == (accelerator in failing), accelerator
+        if message:
+            assert f"trainer.accelerator={accelerator} " in message and "trainer=cpu" in message

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import subprocess
+import sys
 import time
 from queue import Queue
 
@@ -349,3 +351,19 @@ def test_equal_length_setting_rebuilds_the_answerer_batching(tokenizer) -> None:
     padded = server.ModelSource(backend="torch", equal_length=False)._batching(base)
     assert padded.equal_length is False and padded.logits_fn is base.logits_fn
     assert (padded.settings, padded.batch_size) == (base.settings, base.batch_size)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_worker_quiets_transformers_unless_verbose(verbose: bool) -> None:
+    """A worker's logging set-up (as ``serve`` captures it) turns transformers' progress bars
+    off, but with ``verbose=true`` (in a fresh interpreter: the switch is global)."""
+    code = (
+        "from qa_lightning.serving.server import WorkerLogging\n"
+        f"WorkerLogging.capture(verbose={verbose}).apply()\n"
+        "from transformers.utils import logging\n"
+        "print(logging.is_progress_bar_enabled())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.split()[-1] == str(verbose)

@@ -77,6 +77,22 @@ def cpu_bf16_warning(
     )
 
 
+def missing_gpu_error(accelerator: str) -> str | None:
+    """The error for ``trainer.accelerator`` naming a GPU that torch does not see (``gpu``:
+    CUDA or Apple's MPS), else ``None``: Lightning's own message names no fix."""
+    import torch
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if {"gpu": cuda or mps, "cuda": cuda, "mps": mps}.get(accelerator, True):
+        return None
+    return (
+        f"trainer.accelerator={accelerator} (trainer=gpu, ddp, fsdp and deepspeed set it) but "
+        f"torch {torch.__version__} sees no GPU on this machine (a CPU build of torch, or no "
+        "driver): train on the CPU with trainer=default or trainer=cpu, or with DDP on CPU "
+        "processes with trainer=ddp_cpu."
+    )
+
+
 def cpu_supports_int8_dot(cpuinfo: str | None = None) -> bool:
     """Whether the CPU has int8 dot-product instructions (VNNI, AMX-INT8, aarch64 dot product).
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from qa_lightning.answers.config import validate_decoding_config
 from qa_lightning.core.config import check_types, require_above, require_finite
 from qa_lightning.core.errors import ConfigError
+from qa_lightning.core.hardware import missing_gpu_error
 from qa_lightning.data.config import validate_data_config
 from qa_lightning.model.config import validate_model_config
 
@@ -40,6 +41,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     validate_decoding_config(cfg.postprocess)
     trainer = cfg.trainer
     check_types(trainer, TrainerTypes, "trainer.")
+    if error := missing_gpu_error(str(trainer.get("accelerator"))):
+        raise ConfigError(error)
     require_finite(trainer, "trainer.", "gradient_clip_val", "1.0")
     require_above(trainer, "trainer.", "max_epochs", 0, "must be > 0.")
     require_above(

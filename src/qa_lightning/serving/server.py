@@ -470,14 +470,16 @@ class WorkerLogging:
     """Where and how the main process logs (its root handlers: the console and Hydra's
     ``serve.log``), captured when the server is built and set up again in each inference worker
     (a spawned process, which starts with no logging), so that the workers' lines look like the
-    main process's and go to the same places."""
+    main process's and go to the same places; the worker quiets :data:`QUIETED_IN_WORKERS`
+    unless ``verbose``."""
 
     #: ``(stream name or file path, format, date format)`` of each handler
     handlers: tuple[tuple[str, str | None, str | None], ...] = ()
     level: int = logging.INFO
+    verbose: bool = False
 
     @classmethod
-    def capture(cls) -> "WorkerLogging":
+    def capture(cls, verbose: bool = False) -> "WorkerLogging":
         root = logging.getLogger()
         found = []
         for handler in root.handlers:
@@ -488,7 +490,7 @@ class WorkerLogging:
             elif isinstance(handler, logging.StreamHandler):
                 name = "stdout" if handler.stream is sys.stdout else "stderr"
                 found.append((name, fmt, datefmt))
-        return cls(tuple(found), root.level)
+        return cls(tuple(found), root.level, verbose)
 
     def apply(self) -> None:
         from qa_lightning.core.quiet import quiet_libraries
@@ -502,7 +504,7 @@ class WorkerLogging:
             handler.setFormatter(logging.Formatter(fmt, datefmt))
             root.addHandler(handler)
         root.setLevel(self.level)
-        quiet_libraries(libraries=QUIETED_IN_WORKERS)
+        quiet_libraries(self.verbose, QUIETED_IN_WORKERS)
         tag_log_records()
 
 
@@ -1012,20 +1014,21 @@ class ModelFacts:
     devices: int | list[int] = 1
 
 
-def inspect_model(source: ModelSource) -> ModelFacts:
+def inspect_model(source: ModelSource, verbose: bool = False) -> ModelFacts:
     """Load the model once on the CPU (a bad path or setting is a one-paragraph
-    :class:`ConfigError` here, before any worker starts) and describe it."""
+    :class:`ConfigError` here, before any worker starts) and describe it; quiet as a worker
+    (:data:`QUIETED_IN_WORKERS`) unless ``verbose``."""
     import torch
 
     from qa_lightning.core.quiet import quiet_libraries
 
-    quiet_libraries(libraries=QUIETED_IN_WORKERS)  # a process of its own, as a worker
+    quiet_libraries(verbose, QUIETED_IN_WORKERS)  # a process of its own, as a worker
     accelerator, devices = _devices(source)
     answerer = source.load("cpu")
     return ModelFacts(describe(answerer, source), torch.get_num_threads(), accelerator, devices)
 
 
-def inspect_apart(source: ModelSource) -> ModelFacts:
+def inspect_apart(source: ModelSource, verbose: bool = False) -> ModelFacts:
     """:func:`inspect_model` in a process of its own, which exits after it: the server's main
     process (and the HTTP and manager processes forked from it) then holds no model and no
     torch; only the inference workers do."""
@@ -1035,7 +1038,7 @@ def inspect_apart(source: ModelSource) -> ModelFacts:
     context = multiprocessing.get_context("spawn")
     try:
         with ProcessPoolExecutor(1, mp_context=context) as pool:
-            return pool.submit(inspect_model, source).result()
+            return pool.submit(inspect_model, source, verbose).result()
     except BrokenProcessPool as error:
         raise ConfigError(
             "the process loading the model to check it died (out of memory?); check the model "
@@ -1043,8 +1046,11 @@ def inspect_apart(source: ModelSource) -> ModelFacts:
         ) from error
 
 
-def build_server(source: ModelSource, serve: ServeSettings, facts: ModelFacts) -> QAServer:
-    """The LitServe server: the API, its limits, error bodies, ``/info`` and the page."""
+def build_server(
+    source: ModelSource, serve: ServeSettings, facts: ModelFacts, verbose: bool = False
+) -> QAServer:
+    """The LitServe server: the API, its limits, error bodies, ``/info`` and the page; its
+    workers quiet other libraries' output unless ``verbose``."""
     AnswerRequest.max_context_chars = serve.max_context_chars
     AnswerRequest.max_top_k = serve.max_top_k
     accelerator, devices, cores = facts.accelerator, facts.devices, facts.cores
@@ -1115,7 +1121,7 @@ def build_server(source: ModelSource, serve: ServeSettings, facts: ModelFacts) -
         return PlainTextResponse("ok")  # liveness: the HTTP process answers
 
     api.observed = WorkerMetrics(server.workers)
-    api.logging = WorkerLogging.capture()
+    api.logging = WorkerLogging.capture(verbose)
     tag_log_records()  # before the HTTP process is forked from this one
     metrics = ServerMetrics(facts.info, server.workers, server.answering, api.observed)
 
