@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -31,4 +32,27 @@ def test_a_signal_to_every_process_stops_the_server_cleanly(tiny_model_dir, tmp_
     assert "Traceback" not in log and "KeyboardInterrupt\n" not in log, log[-3000:]
     if signum == signal.SIGTERM:
         assert "send it to the main process only" in log
+    assert not any(process_runs(pid) for pid in workers)  # none is left behind
+
+
+def test_sigterm_to_the_processes_of_its_command_line_stops_the_server_cleanly(
+    tiny_model_dir, tmp_path
+):
+    """``pkill -f qa_lightning.serve``: SIGTERM to the main process and to those forked from it
+    (LitServe's manager, the HTTP server), which share its command line, but not to the spawned
+    workers: they find the request queue gone and end without a traceback."""
+    server = ServerProcess(tmp_path / "run", f"model_dir={tiny_model_dir}")
+    server.wait_ready()
+    workers = server.inference_workers()
+    command = Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+    forked = [p for p in server.children() if Path(f"/proc/{p}/cmdline").read_bytes() == command]
+    assert workers and len(forked) >= 2 and not set(forked) & set(workers)
+    for pid in (server.process.pid, *forked):
+        os.kill(pid, signal.SIGTERM)
+    try:
+        assert server.process.wait(60) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    assert "Traceback" not in log, log[-3000:]
     assert not any(process_runs(pid) for pid in workers)  # none is left behind

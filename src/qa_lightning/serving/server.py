@@ -402,7 +402,13 @@ class GreedyBatchingLoop(BatchedLoop):
         self.worker_id = worker_id
         if isinstance(request_queue, CountedQueue):
             request_queue.worker = worker_id  # this worker's copy counts what it takes
-        super().__call__(lit_api, device, worker_id, request_queue, *args, **kwargs)
+        try:
+            super().__call__(lit_api, device, worker_id, request_queue, *args, **kwargs)
+        except (EOFError, ConnectionError):
+            # LitServe's manager, which holds the queues, is gone: the server is stopping
+            # (``pkill -f qa_lightning.serve`` signals it but not this spawned worker); the
+            # main process says what happened
+            log.debug("inference worker %d: the request queue is gone; stopping", worker_id)
 
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any):
         timed_out, payloads = [], []
@@ -1247,11 +1253,11 @@ def run_server(server: QAServer, serve: ServeSettings, what: str) -> None:
     except (OSError, EOFError):
         if not terminated.is_set():
             raise
-        # LitServe's manager process is gone: SIGTERM went to every process of the server
-        # (systemd's default KillMode, kill -- -PGID), not to this one alone
+        # LitServe's manager process is gone: SIGTERM went to the server's other processes
+        # too (systemd's default KillMode, kill -- -PGID, pkill -f), not to this one alone
         log.warning(
-            "stopped without finishing the requests in flight: SIGTERM reached all of the "
-            "server's processes at once; send it to the main process only (PID %d; systemd: "
+            "stopped without finishing the requests in flight: SIGTERM reached the server's "
+            "other processes too; send it to the main process only (PID %d; systemd: "
             "KillMode=mixed) to let it finish them",
             main_pid,
         )
