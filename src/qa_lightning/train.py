@@ -52,6 +52,8 @@ def resume_checkpoint(cfg: DictConfig) -> tuple[str | None, bool]:
     else:
         path, key = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", "resume=true"
         if not (cfg.get("resume") and path.is_file()):
+            if cfg.get("resume"):  # killed before its first checkpoint, or a new run
+                log.info("resume=true: no %s yet; the run starts from the beginning", path)
             return None, True
     if path.is_dir():  # a sharded (DeepSpeed, FSDP) checkpoint: its strategy reads it
         return str(path), not trust

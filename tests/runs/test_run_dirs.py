@@ -162,6 +162,26 @@ def test_a_named_dir_holding_a_run_is_reused_only_by_resume(tmp_path: Path) -> N
     assert status(run_dir)["status"] == "finished" and status(run_dir)["pid"] != first["pid"]
 
 
+def test_resume_without_a_named_dir_is_refused_naming_the_last_run(tmp_path: Path) -> None:
+    """``resume=true`` in a new timestamped dir can continue nothing: exit 2 before the run,
+    naming the key and the last run that finished."""
+    runs = tmp_path / "outputs" / "train"
+    assert run_app(tmp_path, f"hydra.run.dir={runs / 'a'}")[0] == 0
+    code, stderr = run_app(tmp_path, f"hydra.run.dir={runs / YEAR}", "resume=true")
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr == (
+        "error: resume=true continues the run in hydra.run.dir, but hydra.run.dir is not "
+        "given: a new timestamped directory holds nothing to continue. Name the run to "
+        f"continue: hydra.run.dir=DIR resume=true (hydra.run.dir={runs / 'a'} is the last that "
+        "finished).\n"
+    )
+    assert sorted(p.name for p in runs.iterdir()) == ["a", LATEST]  # no dir made
+    # a sweep's jobs may (a requeued SLURM job continues in its dir)
+    sweeps = tmp_path / "sweeps"
+    assert run_app(tmp_path, "-m", f"hydra.sweep.dir={sweeps / YEAR}", "resume=true")[0] == 0
+    assert (sweeps / datetime.now().strftime("%Y") / "0" / "result.txt").is_file()
+
+
 def test_claim_of_a_named_dir(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

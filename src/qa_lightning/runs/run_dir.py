@@ -121,6 +121,22 @@ def refusal(directory: Path, key: str, resumable: bool, what: str = "run") -> Co
     )
 
 
+def nothing_to_resume(directory: Path) -> ConfigError:
+    """``resume=true`` in a run whose ``hydra.run.dir`` is left to the time: a new directory,
+    nothing to continue. (A sweep's jobs may: a requeued SLURM job runs again in its dir.)"""
+    latest = directory.parent / LATEST
+    hint = ""
+    if latest.is_symlink() and latest.is_dir():
+        hint = (
+            f" (hydra.run.dir={directory.parent / os.readlink(latest)} is the last that finished)"
+        )
+    return ConfigError(
+        "resume=true continues the run in hydra.run.dir, but hydra.run.dir is not given: a new "
+        "timestamped directory holds nothing to continue. Name the run to continue: "
+        f"hydra.run.dir=DIR resume=true{hint}."
+    )
+
+
 def is_timestamped(node: DictConfig, key: str) -> bool:
     """Whether ``node[key]`` is made of the time (``${now:...}``): a new value each second."""
     return bool(_TIMESTAMP.search(str(OmegaConf.to_container(node, resolve=False)[key])))
@@ -192,10 +208,11 @@ def check_room(directory: Path, created: bool) -> None:
 def start_run(config: DictConfig) -> Path:
     """Claim ``hydra.run.dir`` (:func:`claim_dir`), check its disk and mark it ``running``."""
     resume = bool(config.resume) if "resume" in config else None
+    timestamped = is_timestamped(config.hydra.run, "dir")
+    if timestamped and resume:
+        raise nothing_to_resume(Path(str(config.hydra.run.dir)))
     directory, created = claim_dir(
-        Path(str(config.hydra.run.dir)),
-        timestamped=is_timestamped(config.hydra.run, "dir"),
-        resume=resume,
+        Path(str(config.hydra.run.dir)), timestamped=timestamped, resume=resume
     )
     check_room(directory, created)
     try:
