@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -223,6 +224,32 @@ def test_file_without_answerable_lines_is_an_error(tmp_path: Path, answerer) -> 
         (1, "the question is empty"),
         (2, "not valid JSON (Expecting value, column 1)"),
     ]
+
+
+def test_one_json_document_is_named_not_reported_line_by_line(tmp_path: Path, caplog) -> None:
+    """A SQuAD json file (or any JSON over several lines) given as ``input=``: one error that
+    names what it is and, for SQuAD, ``evaluate``; no warning for each of its lines."""
+    from qa_lightning.serving.jsonl import load_question_file
+
+    record = {"question": "Who?", "context": "Bob went home."}
+    squad = tmp_path / "dev.json"
+    squad.write_text(
+        json.dumps({"data": [{"paragraphs": [{"context": "Bob.", "qas": []}]}]}, indent=1)
+    )
+    pretty = tmp_path / "questions.json"
+    pretty.write_text(json.dumps([record, record], indent=2))
+    with caplog.at_level(logging.WARNING), pytest.raises(InputError) as error:
+        load_question_file(squad)
+    assert str(error.value).startswith(f"input='{squad}' is a SQuAD json file, not jsonl.")
+    assert f"evaluate <the same model key> data=local data.validation_file={squad}." in str(
+        error.value
+    )
+    with caplog.at_level(logging.WARNING), pytest.raises(InputError) as error:
+        load_question_file(pretty)
+    assert str(error.value).startswith(f"input='{pretty}' is one JSON list over 10 lines, not")
+    assert not caplog.records
+    pretty.write_text("\n".join(json.dumps(r) for r in [record, record]))  # as jsonl: answered
+    assert len(load_question_file(pretty)[0]) == 2
 
 
 def test_long_context_is_windowed_like_evaluation(answerer, tokenizer, validation) -> None:

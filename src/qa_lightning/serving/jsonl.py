@@ -91,7 +91,30 @@ def read_question_lines(path: str | Path) -> tuple[list[QuestionLine], list[tupl
                 number, None if qid is None else str(qid), record["question"], record["context"]
             )
         )
+    if not questions and len(problems) > 1 and (error := one_document(path, text)):
+        raise error
     return questions, problems
+
+
+def one_document(path: str | Path, text: str) -> InputError | None:
+    """The error for ``text`` that is one JSON document over several lines (a SQuAD json file,
+    say), not jsonl; ``None`` where it is not."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(document, dict) and isinstance(document.get("data"), list):
+        return InputError(
+            f"input='{path}' is a SQuAD json file, not jsonl. evaluate answers every question "
+            "of such a file, scores them and writes the answers by id to predictions.json: "
+            f"python -m qa_lightning.evaluate <the same model key> data=local "
+            f"data.validation_file={path}. predict reads one "
+            '{"question": ..., "context": ...} object a line.'
+        )
+    return InputError(
+        f"input='{path}' is one JSON {type(document).__name__} over {len(text.splitlines())} "
+        'lines, not jsonl: write one {"question": ..., "context": ...} object a line.'
+    )
 
 
 def load_question_file(path: str | Path) -> tuple[list[QuestionLine], list[tuple[int, str]]]:
